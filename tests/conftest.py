@@ -1,0 +1,83 @@
+"""Shared fixtures: the real config composed with tiny overrides; one tiny trained run per task."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+from toolkit.stages import run_pipeline  # noqa: E402
+from toolkit.train import config_dir, register_resolvers  # noqa: E402
+
+register_resolvers()
+
+# A 2-layer BERT built from config with MiniLM's tokenizer, on a slice of the real Rotten Tomatoes data.
+TINY_BERT = (
+    "model.config={model_type:bert,hidden_size:32,num_hidden_layers:2,num_attention_heads:2,"
+    "intermediate_size:64,vocab_size:30522,max_position_embeddings:128}"
+)
+# A 2-layer Llama built from config with SmolLM2's tokenizer and chat template.
+TINY_LLAMA = (
+    "model.config={model_type:llama,hidden_size:32,num_hidden_layers:2,num_attention_heads:4,"
+    "num_key_value_heads:2,intermediate_size:64,vocab_size:49152,max_position_embeddings:256,"
+    "tie_word_embeddings:true}"
+)
+FAST = ["logger=none", "progress_bar=false", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1"]
+TINY_CLASSIFIER = [
+    "recipe=quickstart",
+    TINY_BERT,
+    "data.max_train_examples=64",
+    "data.max_eval_examples=32",
+    "data.batch_size=8",
+    "trainer.max_steps=6",
+    "scheduler.num_warmup_steps=2",
+    *FAST,
+]
+TINY_SFT = [
+    "recipe=nlp/smollm2_lora_sft",
+    TINY_LLAMA,
+    "data.max_train_examples=32",
+    "data.max_eval_examples=8",
+    "data.batch_size=4",
+    "data.eval_batch_size=8",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=4",
+    "task.max_new_tokens=3",
+    "scheduler.num_warmup_steps=1",
+    *FAST,
+]
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config `toolkit-train <overrides>` would run with."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        return compose("train", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, Path]:
+    """One tiny classification run through train, export and evaluate, with CSV logs."""
+    run_dir = tmp_path_factory.mktemp("classifier_run")
+    cfg = compose_config([*TINY_CLASSIFIER, "logger=csv"])
+    assert run_pipeline(cfg, run_dir) == ["train", "export", "evaluate"]
+    return cfg, run_dir
+
+
+@pytest.fixture(scope="session")
+def sft_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, Path]:
+    """One tiny chat-SFT run (causal LM + LoRA) through train, export and evaluate."""
+    run_dir = tmp_path_factory.mktemp("sft_run")
+    cfg = compose_config(TINY_SFT)
+    assert run_pipeline(cfg, run_dir) == ["train", "export", "evaluate"]
+    return cfg, run_dir

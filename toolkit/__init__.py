@@ -1,0 +1,17 @@
+"""Hydra-composed recipes that fine-tune Hugging Face models with PyTorch Lightning."""
+
+import logging as _logging
+import os as _os
+
+import torch as _torch
+
+# Importing transformers pulls in torchao, which logs warnings about optional CUDA kernels (and torch about
+# its pytree registrations) on every run: harmless on any machine, so keep them out of users' output.
+for _name in ("torchao", "torch.utils._pytree"):
+    _logging.getLogger(_name).setLevel(_logging.ERROR)
+
+# Without this DeepSpeed probes for an accelerator and warns that it fell back to the CPU on every CPU run.
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+__version__ = "0.1.0"

@@ -1,0 +1,55 @@
+"""Parameter-efficient adapters through PEFT's public API (LoRA, DoRA); none means full fine-tuning."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+
+from toolkit.errors import ToolkitError
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the Linear/Conv1D layers: the names LoRA can target."""
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
+    )
+
+
+def apply_adapter(model: PreTrainedModel, adapter: dict[str, Any] | None, task_type: str) -> nn.Module:
+    """Wrap `model` in the PEFT adapter `adapter` (LoraConfig keys); unchanged when it is None."""
+    if not adapter:
+        return model
+    config = LoraConfig(task_type=task_type, **adapter)
+    _check_targets(model, config.target_modules)
+    return get_peft_model(model, config)
+
+
+def _check_targets(model: nn.Module, targets: Any) -> None:
+    if targets is None or isinstance(targets, str):  # None: PEFT's per-architecture default; str: a regex
+        if isinstance(targets, str) and not any(re.fullmatch(targets, n) for n, _ in model.named_modules()):
+            raise ToolkitError(
+                f"adapter.target_modules regex '{targets}' matches no module; "
+                f"linear modules: {', '.join(linear_module_names(model))}"
+            )
+        return
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ToolkitError(
+            f"adapter.target_modules {missing} not in the model; "
+            f"linear modules: {', '.join(linear_module_names(model))}"
+        )
+
+
+def trainable_summary(model: nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def is_adapter(model: nn.Module) -> bool:
+    return isinstance(model, PeftModel)

@@ -1,0 +1,113 @@
+"""Checkpoint helpers: RNG state that resumes exactly, atomic directory writes, finding a run's checkpoint.
+
+Lightning's own checkpoint files are already written atomically (fsspec transaction: temp file + rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from toolkit.errors import ToolkitError
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # numpy's state as tensors: raw arrays do not load under torch.load(weights_only=True)
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+
+
+class RNGStateCallback(L.Callback):
+    """Saves every rank's torch/python/numpy RNG state and restores it when training restarts.
+
+    Lightning does not checkpoint RNG states, so dropout after a resume would differ. States are applied
+    in `on_train_start`, not at load time: setting up the dataloaders draws from the RNG in between.
+    """
+
+    def __init__(self) -> None:
+        self._pending: list[dict[str, Any]] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
+        state = _rng_state()
+        if trainer.world_size > 1:
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, state)
+            checkpoint["rng_states"] = gathered
+        else:
+            checkpoint["rng_states"] = [state]
+
+    def on_load_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
+        self._pending = checkpoint.get("rng_states")
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self._pending and len(self._pending) == trainer.world_size:
+            _set_rng_state(self._pending[trainer.global_rank])
+        self._pending = None
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `target` whole, on error it vanishes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def find_checkpoint(run_dir: Path) -> Path:
+    """The run's best checkpoint, else its last one."""
+    for name in ("best.ckpt", "last.ckpt"):
+        path = run_dir / "checkpoints" / name
+        if path.exists():
+            return path
+    raise ToolkitError(f"no checkpoint in {run_dir / 'checkpoints'}; run the train stage first")
+
+
+def load_weights(module: L.LightningModule, checkpoint: Path) -> None:
+    """Load a Lightning checkpoint into a built module (adapter checkpoints hold only adapters)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    if unexpected or (set(missing) & trainable):
+        raise ToolkitError(
+            f"checkpoint {checkpoint} does not match the model "
+            f"(unexpected: {unexpected[:3]}, missing: {sorted(set(missing) & trainable)[:3]})"
+        )

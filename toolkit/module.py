@@ -1,0 +1,104 @@
+"""TaskModule: the one LightningModule every recipe trains through.
+
+It holds the HF model (built in `configure_model`, so sharded strategies can build it sharded), takes its loss
+from the model's output, logs the task's torchmetrics, and gets its optimizer and scheduler as Hydra partials.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from rich.console import Console
+from transformers import PreTrainedModel
+
+from toolkit.adapters import apply_adapter, is_adapter, trainable_summary
+from toolkit.models import build_model
+from toolkit.tasks import model_inputs
+
+
+class TaskModule(L.LightningModule):
+    def __init__(
+        self,
+        task: Any,
+        model: dict[str, Any] | None = None,
+        adapter: dict[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        total_steps: int = 0,
+        prebuilt: torch.nn.Module | None = None,
+    ) -> None:
+        """`model`: kwargs of `build_model`; `adapter`: LoraConfig kwargs or None; `prebuilt`: a model to
+        wrap as is (evaluation of an exported model)."""
+        super().__init__()
+        self.task, self.model_kwargs, self.adapter = task, model or {}, adapter
+        self.optimizer_factory, self.scheduler_factory, self.total_steps = optimizer, scheduler, total_steps
+        self.model: torch.nn.Module | None = prebuilt
+        self.val_metrics = task.metrics()
+        self.test_metrics = task.metrics()
+        # Adapter checkpoints keep only trainable weights; the frozen base is rebuilt from its source.
+        self.strict_loading = not adapter
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        base = build_model(self.task.auto_class, **self.model_kwargs, **self.task.model_kwargs())
+        self.model = apply_adapter(base, self.adapter, self.task.peft_task_type)
+        # from_pretrained returns eval mode (dropout off) and Lightning keeps the mode it finds
+        self.model.train()
+        if self._trainer is None or self._trainer.is_global_zero:
+            trainable, total = trainable_summary(self.model)
+            Console().print(
+                f"[bold]trainable parameters[/]: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+            )
+
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The underlying transformers model (inside the PEFT wrapper when there is one)."""
+        return self.model.get_base_model() if is_adapter(self.model) else self.model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self.model(**model_inputs(batch))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch).loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any, stage: str) -> None:
+        outputs = self(batch)
+        self.log(f"{stage}/loss", outputs.loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.task.update(metrics, self.model, batch, outputs, stage)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def _log_metrics(self, metrics: Any, stage: str) -> None:
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.compute().items()}, prog_bar=stage == "val")
+        metrics.reset()
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        # total_steps comes from the data length: asking the trainer (estimated_stepping_batches) would set up
+        # the dataloader before a resumed loader state is restored, silently breaking exact resume.
+        scheduler = self.scheduler_factory(optimizer, num_training_steps=self.total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.adapter:
+            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

@@ -1,0 +1,207 @@
+"""The pipeline: train -> export -> evaluate; each stage reads the previous one's artifact from the run dir.
+
+Stages always run in this order; a stage that `stages` does not list is skipped, so any stage can be rerun
+alone on an earlier run (`stages=[evaluate] from_run=<dir>`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from transformers import AutoTokenizer
+
+from toolkit.adapters import is_adapter
+from toolkit.checkpoint import atomic_dir, atomic_write_text, find_checkpoint, load_weights
+from toolkit.errors import ToolkitError
+from toolkit.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
+from toolkit.models import build_model
+from toolkit.module import TaskModule
+from toolkit.trainer import build_trainer
+
+STAGE_ORDER = ("train", "export", "evaluate")
+SPLIT_RECORD = "data_split.json"
+console = Console()
+
+
+def build_data_and_task(cfg: DictConfig) -> tuple[Any, Any]:
+    data, task = instantiate(cfg.data), instantiate(cfg.task)
+    data_labels, task_labels = getattr(data, "num_labels", None), getattr(task, "num_labels", None)
+    if data_labels is not None and task_labels is not None and data_labels != task_labels:
+        raise ToolkitError(
+            f"task.num_labels={task_labels} but data.label_names has {data_labels} labels "
+            f"({', '.join(data.label_names)}); make them agree"
+        )
+    return data, task
+
+
+def model_kwargs(cfg: DictConfig, pad_token_id: int | None) -> dict[str, Any]:
+    m = cfg.model
+    config = OmegaConf.to_container(m.config, resolve=True) if m.config is not None else None
+    return {
+        "name_or_path": m.name_or_path,
+        "config": config,
+        "dtype": m.dtype,
+        "trust_remote_code": m.trust_remote_code,
+        "pad_token_id": pad_token_id,
+    }
+
+
+def build_module(cfg: DictConfig, task: Any, pad_token_id: int | None, total_steps: int = 0) -> TaskModule:
+    adapter = OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.adapter else None
+    return TaskModule(
+        task,
+        model=model_kwargs(cfg, pad_token_id),
+        adapter=adapter,
+        optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        total_steps=total_steps,
+    )
+
+
+def total_training_steps(trainer_cfg: DictConfig, batch_size: int, n_train: int) -> int:
+    """Optimizer steps the run will take, from the data length (see TaskModule.configure_optimizers)."""
+    devices = trainer_cfg.devices if isinstance(trainer_cfg.devices, int) else 1
+    per_rank = math.ceil(n_train / (devices * trainer_cfg.num_nodes))
+    per_epoch = math.ceil(math.ceil(per_rank / batch_size) / trainer_cfg.accumulate_grad_batches)
+    epochs = trainer_cfg.max_epochs if trainer_cfg.max_epochs not in (None, -1) else None
+    max_steps = trainer_cfg.max_steps if trainer_cfg.max_steps not in (None, -1) else None
+    candidates = [s for s in (per_epoch * epochs if epochs else None, max_steps) if s]
+    if not candidates:
+        raise ToolkitError("set trainer.max_epochs or trainer.max_steps (both are unlimited)")
+    return max(1, min(candidates))
+
+
+def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
+    if resume in (None, False, ""):
+        return None
+    if resume == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.exists():
+            console.print(f"resume=last: no {last} yet, starting from the beginning")
+            return None
+        return str(last)
+    if not Path(resume).is_file():
+        raise ToolkitError(f"resume='{resume}' is not a checkpoint file; use 'last' or a path to a .ckpt")
+    return str(resume)
+
+
+def train_stage(cfg: DictConfig, run_dir: Path) -> bool:
+    """Fit the model; returns True on the process that runs the later stages (global rank 0)."""
+    L.seed_everything(cfg.seed, workers=True)
+    data, task = build_data_and_task(cfg)
+    data.setup("fit")
+    steps = total_training_steps(cfg.trainer, data.batch_size, len(data.splits["train"]))
+    module = build_module(cfg, task, data.tokenizer.pad_token_id, steps)
+    trainer = build_trainer(cfg, run_dir, f"val/{task.primary_metric}", task.mode)
+    if trainer.is_global_zero:
+        atomic_write_text(run_dir / SPLIT_RECORD, json.dumps(data.split_fingerprints(), indent=2))
+    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg.resume, run_dir))
+    _print_wandb_sync(trainer)
+    is_zero = trainer.is_global_zero
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # later stages run on rank 0 alone
+    return is_zero
+
+
+def _print_wandb_sync(trainer: L.Trainer) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._offline:
+            run_path = Path(logger.experiment.dir).parent
+            console.print(f"W&B run saved offline; upload it with: wandb sync {run_path}")
+            logger.experiment.finish()
+
+
+def export_stage(cfg: DictConfig, run_dir: Path) -> None:
+    """Checkpoint -> export/adapter (PEFT) and export/model (merged or full model + tokenizer)."""
+    _, task = build_data_and_task(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    module = build_module(cfg, task, tokenizer.pad_token_id)
+    module.configure_model()
+    load_weights(module, find_checkpoint(run_dir))
+    model = module.model
+    with atomic_dir(run_dir / "export") as tmp:
+        if is_adapter(model):
+            model.save_pretrained(tmp / "adapter")
+            model = model.merge_and_unload()
+        model.save_pretrained(tmp / "model")
+        tokenizer.save_pretrained(tmp / "model")
+    console.print(f"exported: {run_dir / 'export'}")
+
+
+def check_split(run_dir: Path, data: Any) -> None:
+    """Refuse to evaluate on a test split other than the one the run recorded."""
+    record = run_dir / SPLIT_RECORD
+    if not record.exists():
+        return
+    saved = json.loads(record.read_text())["test"]
+    current = data.split_fingerprints()["test"]
+    if saved != current:
+        raise ToolkitError(
+            f"test split differs from the one recorded in {record} "
+            f"(rows {saved['rows']} vs {current['rows']}, sha256 {saved['sha256']} vs "
+            f"{current['sha256']}); evaluate refuses a different test set"
+        )
+
+
+def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
+    """Every variant in the run on the test split -> evaluate/metrics.json (variant -> metric -> value)."""
+    data, task = build_data_and_task(cfg)
+    data.setup("test")
+    check_split(run_dir, data)
+    loader = data.test_dataloader()
+    first_batch = next(iter(loader))
+    L.seed_everything(
+        cfg.seed
+    )  # the base model's fresh head gets the same init the training run started from
+    variants = {
+        "base": build_model(
+            task.auto_class, **model_kwargs(cfg, data.tokenizer.pad_token_id), **task.model_kwargs()
+        )
+    }
+    exported = run_dir / "export" / "model"
+    if exported.exists():
+        variants["fine_tuned"] = task.auto_class.from_pretrained(exported)
+    results = {}
+    for name, model in variants.items():
+        results[name] = evaluate_model(model, task, loader)
+        results[name]["size_bytes"] = model_size_bytes(model)
+        results[name].update(latency_ms(model, first_batch))
+    results["majority"] = task.majority(data.splits["test"])
+    with atomic_dir(run_dir / "evaluate") as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
+    print_metrics(results)
+    console.print(f"metrics: {run_dir / 'evaluate' / 'metrics.json'}")
+    return results
+
+
+STAGES = {"train": train_stage, "export": export_stage, "evaluate": evaluate_stage}
+
+
+def ordered_stages(stages: list[str]) -> list[str]:
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ToolkitError(f"stages {unknown} unknown; valid stages, in run order: {', '.join(STAGE_ORDER)}")
+    return [s for s in STAGE_ORDER if s in stages]
+
+
+def run_pipeline(cfg: DictConfig, run_dir: Path) -> list[str]:
+    """Run the listed stages in order; returns the stages that completed on this process."""
+    done = []
+    for stage in ordered_stages(list(cfg.stages)):
+        if stage == "train":
+            if not train_stage(cfg, run_dir):
+                return done  # a non-zero rank: its part ends with training
+        else:
+            STAGES[stage](cfg, run_dir)
+        done.append(stage)
+    return done

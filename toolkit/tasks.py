@@ -1,0 +1,137 @@
+"""Tasks: what a batch looks like, which HF Auto class holds the model, and which metrics judge it.
+
+The loss always comes from the HF model's own output; a task only adds metrics and its primary metric
+(the one that checkpointing, early stopping and the report use).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+from torchmetrics.text import Perplexity
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys the HF forward takes; data modules may carry more (e.g. prompts for generation)."""
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+class SequenceClassification:
+    """Text classification with an `AutoModelForSequenceClassification` head."""
+
+    auto_class = AutoModelForSequenceClassification
+    peft_task_type = "SEQ_CLS"
+    primary_metric, mode = "accuracy", "max"
+
+    def __init__(self, num_labels: int) -> None:
+        self.num_labels = num_labels
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"num_labels": self.num_labels}
+
+    def metrics(self) -> MetricCollection:
+        n = self.num_labels
+        return MetricCollection(
+            {
+                "accuracy": MulticlassAccuracy(n, average="micro"),
+                "precision_macro": MulticlassPrecision(n, average="macro"),
+                "recall_macro": MulticlassRecall(n, average="macro"),
+                "f1_macro": MulticlassF1Score(n, average="macro"),
+            }
+        )
+
+    def update(
+        self, metrics: MetricCollection, model: PreTrainedModel, batch: dict, outputs: Any, stage: str
+    ) -> None:
+        metrics.update(outputs.logits.argmax(-1), batch["labels"])
+
+    def majority(self, dataset: Any) -> dict[str, float]:
+        """The majority-class baseline on the same split, reported beside the model."""
+        counts = torch.bincount(torch.tensor(dataset["labels"]), minlength=self.num_labels)
+        return {"accuracy": float(counts.max() / counts.sum())}
+
+
+class CausalLM:
+    """Causal LM / SFT: perplexity on the labelled tokens and, for labelled prompts, generated-label accuracy.
+
+    Generated-label accuracy uses one fixed parser: lower-case the generation, take whichever answer choice
+    appears first, anything else is wrong. It runs in `test` only (generation is slow), with
+    `max_new_tokens` generous enough that a chatty base model gets a fair chance to answer.
+    """
+
+    auto_class = AutoModelForCausalLM
+    peft_task_type = "CAUSAL_LM"
+    primary_metric, mode = "perplexity", "min"
+
+    def __init__(
+        self, tokenizer: str, answer_choices: list[str] | None = None, max_new_tokens: int = 20
+    ) -> None:
+        self.tokenizer_path = tokenizer
+        self.answer_choices = [c.lower() for c in answer_choices or []]
+        self.max_new_tokens = max_new_tokens
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        return self._tokenizer
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {}
+
+    def metrics(self) -> MetricCollection:
+        metrics = {"perplexity": Perplexity(ignore_index=-100)}
+        if self.answer_choices:
+            metrics["gen_accuracy"] = MeanMetric()
+        return MetricCollection(metrics)
+
+    def update(
+        self, metrics: MetricCollection, model: PreTrainedModel, batch: dict, outputs: Any, stage: str
+    ) -> None:
+        # HF shifts inside its loss; the metric needs the same alignment: position t predicts token t+1.
+        metrics["perplexity"].update(outputs.logits[:, :-1].float(), batch["labels"][:, 1:])
+        if stage == "test" and "gen_accuracy" in metrics:
+            metrics["gen_accuracy"].update(self.generated_correct(model, batch))
+
+    def generated_correct(self, model: PreTrainedModel, batch: dict) -> torch.Tensor:
+        prompt = batch["prompt_input_ids"]
+        generated = model.generate(
+            input_ids=prompt,
+            attention_mask=batch["prompt_attention_mask"],
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=model.generation_config.pad_token_id or model.config.eos_token_id,
+        )
+        texts = self.tokenizer.batch_decode(generated[:, prompt.shape[1] :], skip_special_tokens=True)
+        predicted = [self.parse(t) for t in texts]
+        answers = batch["answer_index"].tolist()
+        return torch.tensor([float(p == a) for p, a in zip(predicted, answers, strict=True)])
+
+    def parse(self, text: str) -> int:
+        """Index of the first answer choice that appears in the text, -1 if none does."""
+        text = text.lower()
+        found = [(text.find(c), i) for i, c in enumerate(self.answer_choices) if c in text]
+        return min(found)[1] if found else -1
+
+    def majority(self, dataset: Any) -> dict[str, float]:
+        answer_index = dataset["answer_index"]
+        counts = torch.bincount(torch.tensor([a for a in answer_index if a >= 0]))
+        return {"gen_accuracy": float(counts.max() / len(answer_index))} if len(counts) else {}
