@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
@@ -58,6 +59,39 @@ TINY_SFT = [
 ]
 
 
+def save_tiny_pretrained(path: Path, config_override: str, model_class: type, tokenizer: str) -> Path:
+    """A seeded tiny model saved like a hub checkpoint (weights + tokenizer): the pretrained-base path."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from transformers import AutoConfig, AutoTokenizer
+
+    values = dict(OverridesParser.create().parse_override(config_override).value())
+    torch.manual_seed(0)
+    model_class(AutoConfig.for_model(values.pop("model_type"), **values)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import BertModel
+
+    from toolkit.assets import asset_path
+
+    return save_tiny_pretrained(
+        tmp_path_factory.mktemp("tiny_bert"), TINY_BERT, BertModel, asset_path("minilm")
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from transformers import LlamaForCausalLM
+
+    from toolkit.assets import asset_path
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    return save_tiny_pretrained(path, TINY_LLAMA, LlamaForCausalLM, asset_path("smollm2_135m_instruct"))
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config `toolkit-train <overrides>` would run with."""
     GlobalHydra.instance().clear()
@@ -66,18 +100,20 @@ def compose_config(overrides: list[str]) -> DictConfig:
 
 
 @pytest.fixture(scope="session")
-def classifier_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, Path]:
-    """One tiny classification run through train, export and evaluate, with CSV logs."""
+def classifier_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> tuple[DictConfig, Path]:
+    """One tiny classification run (pretrained tiny base + LoRA) through train, export and evaluate."""
     run_dir = tmp_path_factory.mktemp("classifier_run")
-    cfg = compose_config([*TINY_CLASSIFIER, "logger=csv"])
+    cfg = compose_config(
+        [*TINY_CLASSIFIER, f"model.name_or_path={tiny_bert_dir}", "model.config=null", "logger=csv"]
+    )
     assert run_pipeline(cfg, run_dir) == ["train", "export", "evaluate"]
     return cfg, run_dir
 
 
 @pytest.fixture(scope="session")
-def sft_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[DictConfig, Path]:
-    """One tiny chat-SFT run (causal LM + LoRA) through train, export and evaluate."""
+def sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> tuple[DictConfig, Path]:
+    """One tiny chat-SFT run (pretrained tiny causal LM + LoRA) through train, export and evaluate."""
     run_dir = tmp_path_factory.mktemp("sft_run")
-    cfg = compose_config(TINY_SFT)
+    cfg = compose_config([*TINY_SFT, f"model.name_or_path={tiny_llama_dir}", "model.config=null"])
     assert run_pipeline(cfg, run_dir) == ["train", "export", "evaluate"]
     return cfg, run_dir

@@ -99,8 +99,8 @@ def test_sft_loss_covers_the_answer_only(sft_run):
     assert tokenizer.decode(row["prompt_input_ids"]).endswith("<|im_start|>assistant\n")
 
 
-def test_lora_trains_only_adapter_weights_and_merge_matches(tmp_path):
-    cfg = compose_config(TINY_CLASSIFIER)
+def test_lora_trains_only_adapter_weights_and_merge_matches(tmp_path, tiny_bert_dir):
+    cfg = compose_config([*TINY_CLASSIFIER, f"model.name_or_path={tiny_bert_dir}", "model.config=null"])
     L.seed_everything(cfg.seed)
     data, task = build_data_and_task(cfg)
     data.setup("fit")

@@ -38,8 +38,10 @@ class TaskModule(L.LightningModule):
         self.model: torch.nn.Module | None = prebuilt
         self.val_metrics = task.metrics()
         self.test_metrics = task.metrics()
-        # Adapter checkpoints keep only trainable weights; the frozen base is rebuilt from its source.
-        self.strict_loading = not adapter
+        # Adapter checkpoints keep only trainable weights when the frozen base can be rebuilt from its source
+        # (pretrained weights); a base built from config is a random init, so it is saved whole.
+        self.adapter_only_checkpoints = bool(adapter) and self.model_kwargs.get("config") is None
+        self.strict_loading = not self.adapter_only_checkpoints
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -99,6 +101,6 @@ class TaskModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.adapter:
+        if self.adapter_only_checkpoints:
             trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

@@ -72,11 +72,23 @@ def _main(cfg: DictConfig) -> None:
             cfg = load_from_run(cfg, list(hydra_cfg.overrides.task))
             run_dir = Path(cfg.from_run)
         done = run_pipeline(cfg, run_dir)
-    except ToolkitError as err:
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
         if fresh and not done and hydra_cfg.output_subdir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)  # bad input leaves nothing that looks like a run
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_error(err: BaseException | None) -> ToolkitError | None:
+    """The ToolkitError behind `err`: OmegaConf resolvers and Hydra's instantiate wrap the exceptions they see."""
+    while err is not None:
+        if isinstance(err, ToolkitError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def main() -> None:

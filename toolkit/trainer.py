@@ -67,8 +67,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> 
             every_n_train_steps=cfg.checkpoint.every_n_train_steps,
         ),
         RNGStateCallback(),
-        LearningRateMonitor(logging_interval="step"),
     ]
+    if cfg.logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.early_stopping.patience is not None:
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping.patience))
     if cfg.progress_bar:
