@@ -133,7 +133,7 @@ def test_rerun_evaluate_on_an_earlier_run_and_refuse_another_test_split(tmp_path
     assert metrics.stat().st_mtime_ns > before
     assert json.loads(metrics.read_text()).keys() == {"base", "fine_tuned", "majority"}
     other = toolkit_train(
-        ["recipe=quickstart", "stages=[evaluate]", f"from_run={run_dir}", "data.test_size=0.2"], tmp_path
+        ["recipe=quickstart", "stages=[evaluate]", f"from_run={run_dir}", "data.seed=7"], tmp_path
     )
     assert other.returncode == 2
     assert "test split differs" in other.stderr and "refuses a different test set" in other.stderr
@@ -156,6 +156,9 @@ def test_python_dash_m_is_the_same_command(tmp_path):
     [("csv", "csv/version_0/metrics.csv"), ("tensorboard", "tensorboard/version_0/events.out.tfevents.*")],
 )
 def test_other_loggers_write_into_the_run_dir(tmp_path, logger, pattern):
-    result = toolkit_train([*TINY, "trainer.max_steps=2", f"logger={logger}", "stages=[train]"], tmp_path)
+    result = toolkit_train(
+        [*TINY, "trainer.max_steps=2", "trainer.log_every_n_steps=1", f"logger={logger}", "stages=[train]"],
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert list(only_run_dir(tmp_path).glob(pattern))

@@ -2,6 +2,7 @@
 
 import logging as _logging
 import os as _os
+import warnings as _warnings
 
 import torch as _torch
 
@@ -9,6 +10,14 @@ import torch as _torch
 # its pytree registrations) on every run: harmless on any machine, so keep them out of users' output.
 for _name in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
+
+# Deprecation chatter between pinned libraries (torchdata -> torch, lightning -> torch, peft -> transformers).
+for _message in (
+    "'set_vital' is deprecated",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    "`is_gradient_checkpointing` is deprecated",
+):
+    _warnings.filterwarnings("ignore", message=_message)
 
 # Without this DeepSpeed probes for an accelerator and warns that it fell back to the CPU on every CPU run.
 if not _torch.cuda.is_available():

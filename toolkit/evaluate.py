@@ -7,9 +7,9 @@ import time
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
+from toolkit.console import console
 from toolkit.tasks import model_inputs
 
 
@@ -72,4 +72,4 @@ def _fmt(value: float | None) -> str:
 
 
 def print_metrics(metrics: dict[str, dict[str, float]], title: str = "evaluate/metrics.json") -> None:
-    Console().print(metrics_table(metrics, title))
+    console.print(metrics_table(metrics, title))

@@ -11,10 +11,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from rich.console import Console
 from transformers import PreTrainedModel
 
 from toolkit.adapters import apply_adapter, is_adapter, trainable_summary
+from toolkit.console import console
 from toolkit.models import build_model
 from toolkit.tasks import model_inputs
 
@@ -52,7 +52,7 @@ class TaskModule(L.LightningModule):
         self.model.train()
         if self._trainer is None or self._trainer.is_global_zero:
             trainable, total = trainable_summary(self.model)
-            Console().print(
+            console.print(
                 f"[bold]trainable parameters[/]: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
             )
 

@@ -15,11 +15,11 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
 from transformers import AutoTokenizer
 
 from toolkit.adapters import is_adapter
 from toolkit.checkpoint import atomic_dir, atomic_write_text, find_checkpoint, load_weights
+from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
 from toolkit.models import build_model
@@ -28,7 +28,6 @@ from toolkit.trainer import build_trainer
 
 STAGE_ORDER = ("train", "export", "evaluate")
 SPLIT_RECORD = "data_split.json"
-console = Console()
 
 
 def build_data_and_task(cfg: DictConfig) -> tuple[Any, Any]:

@@ -83,7 +83,7 @@ def _main(cfg: DictConfig) -> None:
 
 
 def user_error(err: BaseException | None) -> ToolkitError | None:
-    """The ToolkitError behind `err`: OmegaConf resolvers and Hydra's instantiate wrap the exceptions they see."""
+    """The ToolkitError behind `err`: OmegaConf resolvers and Hydra instantiate wrap what they raise."""
     while err is not None:
         if isinstance(err, ToolkitError):
             return err
