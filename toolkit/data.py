@@ -20,6 +20,7 @@ from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
+from toolkit.samplers import LengthGroupedSampler
 
 FILE_FORMATS = {
     ".csv": "csv",
@@ -31,6 +32,9 @@ FILE_FORMATS = {
 }
 COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
 SPLITS = ("train", "validation", "test")
+LENGTH_GROUP_BATCHES = (
+    50  # group_by_length sorts windows of this many batches (as transformers' sampler does)
+)
 
 
 def load_splits(path: str, name: str | None, val_size: float, test_size: float, seed: int) -> DatasetDict:
@@ -121,12 +125,14 @@ class _HFData(L.LightningDataModule):
         max_train_examples: int | None = None,
         max_eval_examples: int | None = None,
         num_workers: int = 0,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.path, self.name, self.tokenizer_path = path, name, tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.val_size, self.test_size, self.seed = val_size, test_size, seed
         self.max_length, self.num_workers = max_length, num_workers
+        self.group_by_length = group_by_length
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
         self.splits: DatasetDict | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
@@ -167,9 +173,20 @@ class _HFData(L.LightningDataModule):
         # The shuffle order is a function of (seed, epoch) alone, not of the global RNG, and the sampler's
         # position is saved in checkpoints: a resumed run sees exactly the batches it would have seen.
         # (torch's DistributedSampler replays the wrong epoch's order on resume.)
-        sampler = StatefulDistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
-        )
+        if self.group_by_length:
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            sampler = LengthGroupedSampler(
+                dataset,
+                lengths,
+                self.batch_size * LENGTH_GROUP_BATCHES,
+                num_replicas=world,
+                rank=rank,
+                seed=self.seed,
+            )
+        else:
+            sampler = StatefulDistributedSampler(
+                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
+            )
         return self._loader(dataset, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> StatefulDataLoader:

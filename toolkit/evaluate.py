@@ -10,7 +10,7 @@ import torch
 from rich.table import Table
 
 from toolkit.console import console
-from toolkit.tasks import model_inputs
+from toolkit.tasks import compute_metrics, model_inputs
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def evaluate_model(model: torch.nn.Module, task: Any, loader: Any) -> dict[str, 
     metrics = task.metrics()
     for batch in loader:
         task.update(metrics, model, batch, model(**model_inputs(batch)), "test")
-    return {name: float(value) for name, value in metrics.compute().items()}
+    return {name: float(value) for name, value in compute_metrics(metrics).items()}
 
 
 def model_size_bytes(model: torch.nn.Module) -> int:

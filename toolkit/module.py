@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from toolkit.adapters import apply_adapter, is_adapter, trainable_summary
 from toolkit.console import console
 from toolkit.models import build_model
-from toolkit.tasks import model_inputs
+from toolkit.tasks import compute_metrics, model_inputs
 
 
 class TaskModule(L.LightningModule):
@@ -87,7 +87,9 @@ class TaskModule(L.LightningModule):
         self._log_metrics(self.test_metrics, "test")
 
     def _log_metrics(self, metrics: Any, stage: str) -> None:
-        self.log_dict({f"{stage}/{k}": v for k, v in metrics.compute().items()}, prog_bar=stage == "val")
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in compute_metrics(metrics).items()}, prog_bar=stage == "val"
+        )
         metrics.reset()
 
     def configure_optimizers(self) -> Any:

@@ -28,6 +28,11 @@ from transformers import (
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 
+def compute_metrics(metrics: MetricCollection) -> dict[str, torch.Tensor]:
+    """Values of the metrics that saw data (gen_accuracy is only updated in test)."""
+    return {name: metric.compute() for name, metric in metrics.items() if metric.update_called}
+
+
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keys the HF forward takes; data modules may carry more (e.g. prompts for generation)."""
     return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
