@@ -25,7 +25,7 @@ PARITY = [
 ]
 # First 5 training losses of the seeded tiny classification run (the classifier_run fixture). A change here
 # means the numerics changed: find out why before updating these values.
-GOLDEN = [0.6954007744789124, 0.7010042071342468, 0.7090960144996643, 0.6949182748794556, 0.6859475374221802]
+GOLDEN = [0.7004266977310181, 0.6964102387428284, 0.6895654201507568, 0.6872914433479309, 0.6984509825706482]
 
 
 def logged_losses(run_dir) -> list[float]:
