@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import netrc
 import os
 from pathlib import Path
@@ -11,9 +12,11 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from toolkit.checkpoint import RNGStateCallback
+from toolkit.slurm import RequeueOnSignal
 
 
 def configure_threads(devices: int, accelerator: str) -> None:
@@ -35,6 +38,10 @@ def wandb_offline_default() -> bool:
         return True
 
 
+def wandb_run_id(run_dir: Path) -> str:
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
 def build_logger(logger_cfg: DictConfig | None, run_dir: Path, cfg: DictConfig) -> Any:
     if not logger_cfg:
         return False
@@ -46,7 +53,12 @@ def build_logger(logger_cfg: DictConfig | None, run_dir: Path, cfg: DictConfig) 
             os.environ.setdefault(var, str(wandb_dir))  # otherwise W&B writes under ~ as well
         offline = logger_cfg.get("offline")
         logger = instantiate(
-            logger_cfg, save_dir=str(run_dir), offline=wandb_offline_default() if offline is None else offline
+            logger_cfg,
+            save_dir=str(run_dir),
+            offline=wandb_offline_default() if offline is None else offline,
+            # one W&B run per run directory: a resumed or requeued job continues it instead of starting anew
+            id=logger_cfg.get("id") or wandb_run_id(run_dir),
+            resume="allow",
         )
     else:
         logger = instantiate(logger_cfg, save_dir=str(run_dir))
@@ -68,6 +80,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> 
         ),
         RNGStateCallback(),
     ]
+    if SLURMEnvironment.detect():
+        callbacks.append(RequeueOnSignal())
     if cfg.logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
     if cfg.early_stopping.patience is not None:
@@ -90,7 +104,9 @@ def build_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> L.
         logger=build_logger(cfg.logger, run_dir, cfg),
         callbacks=build_callbacks(cfg, run_dir, monitor, mode),
         enable_progress_bar=bool(cfg.progress_bar),
-        default_root_dir=str(run_dir),
+        default_root_dir=str(run_dir),  # where hpc_ckpt_*.ckpt goes and is found again after a requeue
+        # under Slurm, RequeueOnSignal replaces Lightning's USR1 handler (which saves mid-step)
+        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
         # the data module hands out StatefulDistributedSampler itself (exact mid-epoch resume on DDP)
         use_distributed_sampler=False,
     )
