@@ -108,3 +108,4 @@ def test_wheel_ships_conf_and_recipes(tmp_path):
     assert "toolkit/conf/train.yaml" in names
     for recipe in RECIPES:
         assert f"toolkit/conf/recipe/{recipe}.yaml" in names
+    assert {"toolkit/slurm_files/train.sbatch.j2", "toolkit/slurm_files/local-cluster.sh"} <= names

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from toolkit.checkpoint import atomic_write_text
 from toolkit.console import console
 from toolkit.errors import ToolkitError
+from toolkit.runs import new_run_dir, recipe_name
 
 TEMPLATE = "train.sbatch.j2"
 
@@ -79,6 +80,7 @@ def render_sbatch(cfg: DictConfig, overrides: list[str], run_dir: Path) -> str:
         keep_trailing_newline=True,
     )
     slurm_options = OmegaConf.to_container(cfg.slurm, resolve=True)
+    slurm_options["job_name"] = slurm_options["job_name"] or (recipe_name() or "run").replace("/", "-")
     return env.get_template(TEMPLATE).render(
         s=slurm_options, run_dir=run_dir, command=train_command(overrides, run_dir, cfg)
     )
@@ -109,11 +111,8 @@ def compose_for_submit(overrides: list[str]) -> DictConfig:
 
 
 def submit(overrides: list[str], dry_run: bool) -> Path | None:
-    from toolkit.train import new_run_dir
-
     cfg = compose_for_submit(overrides)
-    recipe = cfg.hydra.runtime.choices.recipe
-    run_dir = Path(new_run_dir(recipe, None)).resolve()
+    run_dir = Path(new_run_dir(recipe_name() or "run", None)).resolve()
     script_text = render_sbatch(cfg, overrides, run_dir)
     if dry_run:
         print(script_text, end="")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -18,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from toolkit.assets import register_resolver
 from toolkit.errors import ToolkitError
+from toolkit.runs import new_run_dir
 from toolkit.stages import run_pipeline
 
 
@@ -28,12 +28,6 @@ def config_dir() -> str:
         if (candidate / "train.yaml").exists():
             return str(candidate)
     raise RuntimeError(f"toolkit's conf/ not found next to {here}")
-
-
-def new_run_dir(recipe: str, from_run: str | None) -> str:
-    """runs/<recipe>/<timestamp to the microsecond>; a rerun on `from_run` records itself under it."""
-    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
-    return f"{from_run}/reruns/{stamp}" if from_run else f"runs/{recipe}/{stamp}"
 
 
 def register_resolvers() -> None:

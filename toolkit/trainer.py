@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import netrc
 import os
 from pathlib import Path
@@ -16,6 +15,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from toolkit.checkpoint import RNGStateCallback
+from toolkit.runs import recipe_name, run_id
 from toolkit.slurm import RequeueOnSignal
 
 
@@ -38,10 +38,6 @@ def wandb_offline_default() -> bool:
         return True
 
 
-def wandb_run_id(run_dir: Path) -> str:
-    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
-
-
 def build_logger(logger_cfg: DictConfig | None, run_dir: Path, cfg: DictConfig) -> Any:
     if not logger_cfg:
         return False
@@ -57,7 +53,8 @@ def build_logger(logger_cfg: DictConfig | None, run_dir: Path, cfg: DictConfig) 
             save_dir=str(run_dir),
             offline=wandb_offline_default() if offline is None else offline,
             # one W&B run per run directory: a resumed or requeued job continues it instead of starting anew
-            id=logger_cfg.get("id") or wandb_run_id(run_dir),
+            id=logger_cfg.get("id") or run_id(run_dir),
+            name=logger_cfg.get("name") or recipe_name(),
             resume="allow",
         )
     else:
