@@ -101,9 +101,27 @@ def find_checkpoint(run_dir: Path) -> Path:
     raise ToolkitError(f"no checkpoint in {run_dir / 'checkpoints'}; run the train stage first")
 
 
+def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The module weights of a checkpoint, consolidated: a Lightning .ckpt file, a DeepSpeed ZeRO checkpoint
+    directory (fp32 weights rebuilt from the shards) or a torch DCP directory (FSDP2)."""
+    if checkpoint.is_file():
+        return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    if (checkpoint / "latest").exists():
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            convert_zero_checkpoint_to_fp32_state_dict(checkpoint, Path(tmp) / "model.pt")
+            return torch.load(Path(tmp) / "model.pt", map_location="cpu", weights_only=False)["state_dict"]
+    if (checkpoint / ".metadata").exists():
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        return _load_distributed_checkpoint(checkpoint)["state_dict"]
+    raise ToolkitError(f"{checkpoint} is not a checkpoint: no .ckpt file, DeepSpeed 'latest' or DCP metadata")
+
+
 def load_weights(module: L.LightningModule, checkpoint: Path) -> None:
-    """Load a Lightning checkpoint into a built module (adapter checkpoints hold only adapters)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+    """Load a checkpoint into a built module (adapter checkpoints may hold only the adapters)."""
+    state = read_state_dict(checkpoint)
     missing, unexpected = module.load_state_dict(state, strict=False)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     if unexpected or (set(missing) & trainable):

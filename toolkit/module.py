@@ -12,6 +12,8 @@ from typing import Any
 import lightning as L
 import torch
 from transformers import PreTrainedModel
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from toolkit.adapters import apply_adapter, is_adapter, trainable_summary
 from toolkit.console import console
@@ -36,6 +38,7 @@ class TaskModule(L.LightningModule):
         self.task, self.model_kwargs, self.adapter = task, model or {}, adapter
         self.optimizer_factory, self.scheduler_factory, self.total_steps = optimizer, scheduler, total_steps
         self.model: torch.nn.Module | None = prebuilt
+        self._hf_deepspeed_config: HfDeepSpeedConfig | None = None
         self.val_metrics = task.metrics()
         self.test_metrics = task.metrics()
         # Adapter checkpoints keep only trainable weights when the frozen base can be rebuilt from its source
@@ -46,15 +49,27 @@ class TaskModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        zero3 = getattr(strategy, "zero3_config", None)
+        # Under ZeRO-3 transformers must see the DeepSpeed config while it builds or loads the model: it then
+        # initialises and loads the partitioned weights itself (without it, zero.Init leaves garbage weights).
+        self._hf_deepspeed_config = HfDeepSpeedConfig(zero3) if zero3 else None
         base = build_model(self.task.auto_class, **self.model_kwargs, **self.task.model_kwargs())
         self.model = apply_adapter(base, self.adapter, self.task.peft_task_type)
         # from_pretrained returns eval mode (dropout off) and Lightning keeps the mode it finds
         self.model.train()
+        trainable, total = trainable_summary(self.model)  # before sharding: whole-model counts
+        if hasattr(strategy, "shard"):
+            strategy.shard(self.model, list(base._no_split_modules or []))
         if self._trainer is None or self._trainer.is_global_zero:
-            trainable, total = trainable_summary(self.model)
             console.print(
                 f"[bold]trainable parameters[/]: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
             )
+
+    def teardown(self, stage: str) -> None:
+        if self._hf_deepspeed_config is not None:  # later stages build plain, unsharded models
+            unset_hf_deepspeed_config()
+            self._hf_deepspeed_config = None
 
     @property
     def hf_model(self) -> PreTrainedModel:
@@ -66,7 +81,8 @@ class TaskModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        # averaged over ranks: the loss of the global batch, comparable across strategies and world sizes
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

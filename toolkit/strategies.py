@@ -1,0 +1,103 @@
+"""Lightning's strategies as YAML builds them, plus the one shim DeepSpeed needs to run on CPU ranks.
+
+`conf/strategy/*.yaml` name these classes with their arguments; nothing here re-implements a strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Generator
+from contextlib import contextmanager
+from typing import Any
+
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+from torch import nn
+
+from toolkit.errors import ToolkitError
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy, also on CPU ranks (gloo).
+
+    Lightning refuses DeepSpeed on any accelerator but CUDA by an accelerator check alone; DeepSpeed itself
+    runs ZeRO 1/2/3 on CPU (it picks its CPU accelerator and gloo). On CUDA every method is Lightning's own.
+    """
+
+    def setup_environment(self) -> None:
+        if self.root_device.type == "cuda":
+            return super().setup_environment()
+        DDPStrategy.setup_environment(self)  # skips only the CUDA-accelerator check
+
+    def setup_distributed(self) -> None:
+        if self.root_device.type == "cuda":
+            return super().setup_distributed()
+        reset_seed()  # as Lightning's, minus the CUDA device-index validation
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
+        if self.root_device.type == "cuda":
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        # a CPU device has no index: DeepSpeed takes the local rank as its device rank instead
+        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, deepspeed_optimizer
+
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # Not Lightning's zero.Init around configure_model: transformers, seeing the HfDeepSpeedConfig that
+        # TaskModule keeps alive, opens its own zero.Init and loads the pretrained weights into the shards.
+        # Inside Lightning's context the loaded weights came out wrong (first loss off by 2e-3).
+        self._init_config_if_needed()
+        yield
+
+    @property
+    def zero3_config(self) -> dict | None:
+        """The DeepSpeed config when it shards parameters (ZeRO-3), for building the HF model inside it."""
+        self._init_config_if_needed()
+        return self.config if self.zero_stage_3 else None
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 data parallelism: Lightning's ModelParallelStrategy with every rank in the data-parallel mesh
+    dimension, plus how the module should shard (`shard`, called from TaskModule.configure_model).
+
+    Each transformer block (the model's `_no_split_modules`) becomes one FSDP unit, then the root.
+    """
+
+    def __init__(self, cpu_offload: bool = False, reshard_after_forward: bool = True, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+        self.cpu_offload, self.reshard_after_forward = cpu_offload, reshard_after_forward
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # pure FSDP: all ranks shard
+        super().setup_environment()
+
+    def shard(self, model: nn.Module, block_names: list[str]) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        kwargs: dict[str, Any] = {
+            "mesh": self.device_mesh["data_parallel"],
+            "reshard_after_forward": self.reshard_after_forward,
+        }
+        if self.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        blocks = [m for m in model.modules() if type(m).__name__ in set(block_names)]
+        if not blocks:
+            raise ToolkitError(
+                f"FSDP2 found no transformer blocks ({block_names}) to shard in {type(model).__name__}"
+            )
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
