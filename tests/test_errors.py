@@ -89,9 +89,21 @@ CASES = {
         ["recipe=quickstart", *TINY, "model.name_or_path=${asset:bert_huge}"],
         ["unknown asset 'bert_huge'", "minilm"],
     ),
+    "unknown strategy": (
+        ["recipe=quickstart", "strategy=zero9"],
+        ["strategy/zero9", "deepspeed_zero3", "fsdp2"],
+    ),
+    "offload with a torch optimizer": (
+        ["recipe=quickstart", *TINY, "strategy=deepspeed_zero2_offload", "trainer.devices=2"],
+        ["refuses optim._target_=torch.optim.AdamW", "optim=deepspeed_cpu_adam"],
+    ),
+    "more devices than the machine has": (
+        ["recipe=quickstart", *TINY, "strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=4096"],
+        ["trainer.devices=4096 but this machine has"],
+    ),
     "bad resume path": (
         ["recipe=quickstart", *TINY, "resume=/nowhere/x.ckpt"],
-        ["resume='/nowhere/x.ckpt'", "last"],
+        ["resume='/nowhere/x.ckpt' is not a checkpoint", "last"],
     ),
 }
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from toolkit import slurm
+from toolkit.train import compose_config
 
 GOLDEN = Path(__file__).parent / "golden" / "llama3_gpu_2x8.sbatch"
 GPU_2X8 = [
@@ -21,7 +22,7 @@ GPU_2X8 = [
 
 
 def render(overrides: list[str]) -> str:
-    cfg = slurm.compose_for_submit(overrides)
+    cfg = compose_config(overrides)
     text = slurm.render_sbatch(
         cfg, overrides, Path("/scratch/runs/nlp/llama3_8b_lora_sft/2026-01-01_00-00-00_000000")
     )

@@ -47,8 +47,9 @@ def _check_targets(model: nn.Module, targets: Any) -> None:
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameter counts; ZeRO-3-partitioned parameters count whole (ds_numel)."""
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
 
 
 def is_adapter(model: nn.Module) -> bool:

@@ -95,8 +95,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def find_checkpoint(run_dir: Path) -> Path:
     """The run's best checkpoint, else its last one."""
     for name in ("best.ckpt", "last.ckpt"):
-        path = run_dir / "checkpoints" / name
-        if path.exists():
+        path = existing_checkpoint(run_dir / "checkpoints" / name)
+        if path is not None:
             return path
     raise ToolkitError(f"no checkpoint in {run_dir / 'checkpoints'}; run the train stage first")
 
@@ -129,3 +129,34 @@ def load_weights(module: L.LightningModule, checkpoint: Path) -> None:
             f"checkpoint {checkpoint} does not match the model "
             f"(unexpected: {unexpected[:3]}, missing: {sorted(set(missing) & trainable)[:3]})"
         )
+
+
+def save_directory_atomically(strategy: Any, save: Any, filepath: Any) -> None:
+    """Run `save(staging_dir)` on every rank, then swap the staging directory into `filepath`.
+
+    Sharded checkpoints (DeepSpeed, DCP) are directories that every rank writes into; written in place, a
+    kill halfway leaves a directory that looks like a checkpoint but is not. The swap leaves either the
+    new directory or the previous one (renamed `<name>.prev` for an instant, which `resume=last` accepts).
+    """
+    target = Path(strategy.broadcast(str(filepath)))
+    staging = target.with_name(f"{target.name}.tmp")
+    if strategy.is_global_zero and staging.exists():
+        shutil.rmtree(staging)
+    strategy.barrier()
+    save(staging)
+    strategy.barrier()
+    if strategy.is_global_zero:
+        previous = target.with_name(f"{target.name}.prev")
+        if target.exists():
+            os.replace(target, previous)
+        os.replace(staging, target)
+        shutil.rmtree(previous, ignore_errors=True)
+    strategy.barrier()
+
+
+def existing_checkpoint(path: Path) -> Path | None:
+    """`path`, or the previous checkpoint when a kill fell between the two renames of an atomic swap."""
+    for candidate in (path, path.with_name(f"{path.name}.prev")):
+        if candidate.exists():
+            return candidate
+    return None

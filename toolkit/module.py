@@ -6,6 +6,7 @@ from the model's output, logs the task's torchmetrics, and gets its optimizer an
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -115,10 +116,14 @@ class TaskModule(L.LightningModule):
             return optimizer
         # total_steps comes from the data length: asking the trainer (estimated_stepping_batches) would set up
         # the dataloader before a resumed loader state is restored, silently breaking exact resume.
-        scheduler = self.scheduler_factory(optimizer, num_training_steps=self.total_steps)
+        wants_total = "num_training_steps" in inspect.signature(self.scheduler_factory).parameters
+        scheduler = self.scheduler_factory(
+            optimizer, **({"num_training_steps": self.total_steps} if wants_total else {})
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.adapter_only_checkpoints:
+        # sharded checkpoints (DeepSpeed, DCP) must mirror the module's full state: only files are trimmed
+        if self.adapter_only_checkpoints and not getattr(self.trainer.strategy, "sharded_checkpoints", False):
             trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

@@ -17,8 +17,6 @@ from typing import Any
 
 import jinja2
 import lightning as L
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
@@ -100,18 +98,10 @@ def sbatch(script: Path) -> str:
     return result.stdout.strip().split(";")[0]
 
 
-def compose_for_submit(overrides: list[str]) -> DictConfig:
-    from toolkit.train import config_dir, register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    HydraConfig.instance().set_config(cfg)  # so ${hydra:runtime.choices.recipe} resolves
-    return cfg
-
-
 def submit(overrides: list[str], dry_run: bool) -> Path | None:
-    cfg = compose_for_submit(overrides)
+    from toolkit.train import compose_config  # train imports this module (via trainer)
+
+    cfg = compose_config(overrides)
     run_dir = Path(new_run_dir(recipe_name() or "run", None)).resolve()
     script_text = render_sbatch(cfg, overrides, run_dir)
     if dry_run:

@@ -18,12 +18,19 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoTokenizer
 
 from toolkit.adapters import is_adapter
-from toolkit.checkpoint import atomic_dir, atomic_write_text, find_checkpoint, load_weights
+from toolkit.checkpoint import (
+    atomic_dir,
+    atomic_write_text,
+    existing_checkpoint,
+    find_checkpoint,
+    load_weights,
+)
 from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
 from toolkit.models import build_model
 from toolkit.module import TaskModule
+from toolkit.strategies import check_strategy
 from toolkit.trainer import build_trainer
 
 STAGE_ORDER = ("train", "export", "evaluate")
@@ -82,18 +89,26 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
     if resume in (None, False, ""):
         return None
     if resume == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        if not last.exists():
-            console.print(f"resume=last: no {last} yet, starting from the beginning")
+        last = existing_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        if last is None:
+            console.print(
+                f"resume=last: no checkpoint in {run_dir / 'checkpoints'} yet, starting from the beginning"
+            )
             return None
         return str(last)
-    if not Path(resume).is_file():
-        raise ToolkitError(f"resume='{resume}' is not a checkpoint file; use 'last' or a path to a .ckpt")
+    if not Path(resume).exists():  # a file, or a directory for sharded (DeepSpeed, FSDP2) checkpoints
+        raise ToolkitError(f"resume='{resume}' is not a checkpoint; use 'last' or the path of a .ckpt")
     return str(resume)
 
 
 def train_stage(cfg: DictConfig, run_dir: Path) -> bool:
     """Fit the model; returns True on the process that runs the later stages (global rank 0)."""
+    check_strategy(
+        OmegaConf.to_container(cfg.strategy, resolve=True),
+        cfg.optim._target_,
+        cfg.trainer.accelerator,
+        cfg.trainer.devices,
+    )
     L.seed_everything(cfg.seed, workers=True)
     data, task = build_data_and_task(cfg)
     data.setup("fit")

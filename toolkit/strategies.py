@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from torch import nn
 
+from toolkit.checkpoint import save_directory_atomically
 from toolkit.errors import ToolkitError
 
 
@@ -24,6 +25,8 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
     Lightning refuses DeepSpeed on any accelerator but CUDA by an accelerator check alone; DeepSpeed itself
     runs ZeRO 1/2/3 on CPU (it picks its CPU accelerator and gloo). On CUDA every method is Lightning's own.
     """
+
+    sharded_checkpoints = True
 
     def setup_environment(self) -> None:
         if self.root_device.type == "cuda":
@@ -54,6 +57,12 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         )
         return engine, deepspeed_optimizer
 
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
+        parent = super()
+        save_directory_atomically(
+            self, lambda path: parent.save_checkpoint(checkpoint, path, storage_options), filepath
+        )
+
     @contextmanager
     def model_sharded_context(self) -> Generator[None, None, None]:
         # Not Lightning's zero.Init around configure_model: transformers, seeing the HfDeepSpeedConfig that
@@ -76,6 +85,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     Each transformer block (the model's `_no_split_modules`) becomes one FSDP unit, then the root.
     """
 
+    sharded_checkpoints = True
+
     def __init__(self, cpu_offload: bool = False, reshard_after_forward: bool = True, **kwargs: Any) -> None:
         super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
         self.cpu_offload, self.reshard_after_forward = cpu_offload, reshard_after_forward
@@ -83,6 +94,14 @@ class FSDP2Strategy(ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes  # pure FSDP: all ranks shard
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
+        parent = super()
+        if not self._save_distributed_checkpoint:  # a single file: Lightning writes it atomically already
+            return parent.save_checkpoint(checkpoint, filepath, storage_options)
+        save_directory_atomically(
+            self, lambda path: parent.save_checkpoint(checkpoint, path, storage_options), filepath
+        )
 
     def shard(self, model: nn.Module, block_names: list[str]) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
@@ -101,3 +120,23 @@ class FSDP2Strategy(ModelParallelStrategy):
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+
+
+def check_strategy(strategy: dict, optimizer_target: str, accelerator: str, devices: Any) -> None:
+    """Refuse, before launching ranks, combinations the strategy or the machine cannot run."""
+    import os
+
+    import torch
+
+    if strategy.get("offload_optimizer") and not optimizer_target.endswith("DeepSpeedCPUAdam"):
+        raise ToolkitError(
+            f"DeepSpeed offloads the optimizer here and refuses optim._target_={optimizer_target}; "
+            "use optim=deepspeed_cpu_adam"
+        )
+    if not isinstance(devices, int):
+        return
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    available = torch.cuda.device_count() if on_gpu else os.cpu_count() or 1
+    if devices > available:
+        kind = "CUDA devices" if on_gpu else "CPU cores (one rank per core)"
+        raise ToolkitError(f"trainer.devices={devices} but this machine has {available} {kind}")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -53,6 +54,15 @@ def load_from_run(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         with open_dict(merged):
             OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
     return merged
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config `toolkit-train <overrides>` would run with, for the other commands (submit, estimate)."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve
+    return cfg
 
 
 @hydra.main(version_base=None, config_path=config_dir(), config_name="train")
