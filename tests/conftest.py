@@ -59,6 +59,17 @@ TINY_SFT = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """In-process runs leave variables behind (Lightning's LOCAL_RANK/WORLD_SIZE/MASTER_PORT after a DDP
+    strategy, W&B directories): a later `toolkit-train` subprocess inheriting LOCAL_RANK would believe it
+    is an already launched rank and wait forever for a partner. Each test starts from the same env."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def save_tiny_pretrained(path: Path, config_override: str, model_class: type, tokenizer: str) -> Path:
     """A seeded tiny model saved like a hub checkpoint (weights + tokenizer): the pretrained-base path."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
