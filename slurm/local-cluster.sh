@@ -16,7 +16,10 @@ need() {
     }
 }
 
-running() { [ -f "$DIR/$1.pid" ] && kill -0 "$(cat "$DIR/$1.pid")" 2>/dev/null; }
+running() {
+    local pid
+    pid="$(cat "$DIR/$1.pid" 2>/dev/null)" && kill -0 "$pid" 2>/dev/null
+}
 
 write_conf() {
     local cpus mem

@@ -37,3 +37,13 @@ def test_resume_continues_where_the_epoch_stopped():
     resumed = sampler()
     resumed.load_state_dict(first.state_dict())
     assert seen + list(resumed) == list(sampler())
+
+
+def test_an_epoch_saved_fully_consumed_restarts_fresh():
+    """Lightning resumes a checkpoint taken on an epoch's last batch at the next epoch: that epoch must be
+    whole, not the empty remainder of the saved one."""
+    first = sampler()
+    assert len(list(first)) == 100
+    resumed = sampler(epoch=1)
+    resumed.load_state_dict(first.state_dict())
+    assert list(resumed) == list(sampler(epoch=1))

@@ -16,11 +16,10 @@ import lightning as L
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
-from toolkit.samplers import LengthGroupedSampler
+from toolkit.samplers import LengthGroupedSampler, ResumableSampler
 
 FILE_FORMATS = {
     ".csv": "csv",
@@ -184,9 +183,7 @@ class _HFData(L.LightningDataModule):
                 seed=self.seed,
             )
         else:
-            sampler = StatefulDistributedSampler(
-                dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed
-            )
+            sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
         return self._loader(dataset, self.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> StatefulDataLoader:

@@ -8,6 +8,20 @@ from torch.utils.data import Dataset, DistributedSampler
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 
+class ResumableSampler(StatefulDistributedSampler):
+    """torchdata's StatefulDistributedSampler (order = f(seed, epoch); a resumed epoch skips what it had
+    already yielded), except that an epoch saved fully consumed restarts fresh.
+
+    Lightning resumes a checkpoint taken on an epoch's last batch at the next epoch; replaying the saved
+    position there would skip that whole next epoch (seen: 196 of 200 steps, max|dw| 0.14).
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.next_yielded is not None and self.next_yielded >= self.num_samples:
+            self.next_yielded = None
+
+
 class _LengthGroupedOrder(DistributedSampler):
     """This rank's shuffled indices, sorted by length (longest first) within windows of `window` examples.
 
@@ -25,10 +39,10 @@ class _LengthGroupedOrder(DistributedSampler):
             yield from sorted(indices[start : start + self.window], key=lambda i: -self.lengths[i])
 
 
-class LengthGroupedSampler(StatefulDistributedSampler, _LengthGroupedOrder):
-    """StatefulDistributedSampler (skips what a resumed epoch already yielded) over the length-grouped
-    order: its `super().__iter__()` resolves to `_LengthGroupedOrder.__iter__` by the method resolution
-    order, so the skipping logic stays torchdata's own."""
+class LengthGroupedSampler(ResumableSampler, _LengthGroupedOrder):
+    """ResumableSampler over the length-grouped order: StatefulDistributedSampler's `super().__iter__()`
+    resolves to `_LengthGroupedOrder.__iter__` by the method resolution order, so the skipping logic stays
+    torchdata's own."""
 
     def __init__(
         self, dataset: Dataset, lengths: Sequence[int], window: int, num_replicas: int, rank: int, seed: int
