@@ -43,14 +43,16 @@ def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_resume_after_kill_is_exact(tmp_path):
-    """Dropout on, shuffled data, killed mid-epoch (8 batches per epoch, 3 epochs): the resumed run ends
-    with bit-identical weights to an uninterrupted one."""
+@pytest.mark.parametrize("every,max_steps", [(1, 24), (8, 160)], ids=["mid-epoch", "epoch-boundary"])
+def test_resume_after_kill_is_exact(tmp_path, every, max_steps):
+    """Dropout on, shuffled data, 8 batches per epoch, killed once a checkpoint at step >= 3 exists: the
+    resumed run ends with bit-identical weights to an uninterrupted one. With a checkpoint every 8 steps
+    every checkpoint falls on an epoch's last batch, which Lightning resumes at the next epoch."""
     args = [
         *TINY,
-        "trainer.max_steps=24",
-        "trainer.max_epochs=3",
-        "checkpoint.every_n_train_steps=1",
+        f"trainer.max_steps={max_steps}",
+        f"trainer.max_epochs={max_steps // 8}",
+        f"checkpoint.every_n_train_steps={every}",
         "logger=none",
         "stages=[train]",
     ]
@@ -74,12 +76,8 @@ def test_resume_after_kill_is_exact(tmp_path):
     proc.wait()
     run_dir = only_run_dir(killed)
     stopped_at = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert 3 <= stopped_at < 24, "the run finished before it could be killed"
-    if stopped_at % 8 == 0:  # 64 examples / batch 8
-        pytest.xfail(
-            f"killed at step {stopped_at}, an epoch boundary: resume from a checkpoint taken on an "
-            "epoch's last batch is not exact yet"
-        )
+    assert 3 <= stopped_at < max_steps, "the run finished before it could be killed"
+    assert stopped_at % every == 0
     resumed = toolkit_train([*args, f"from_run={run_dir}", "resume=last"], killed)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     final = weights(run_dir / "checkpoints" / "last.ckpt")

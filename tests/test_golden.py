@@ -25,7 +25,7 @@ PARITY = [
 ]
 # First 5 training losses of the seeded tiny classification run (the classifier_run fixture). A change here
 # means the numerics changed: find out why before updating these values.
-GOLDEN = [0.7004266977310181, 0.6964102387428284, 0.6895654201507568, 0.6872914433479309, 0.6984509825706482]
+GOLDEN = [0.7052695155143738, 0.6932390928268433, 0.6894721984863281, 0.6893506646156311, 0.6940104365348816]
 
 
 def logged_losses(run_dir) -> list[float]:

@@ -43,10 +43,24 @@ class RNGStateCallback(L.Callback):
 
     Lightning does not checkpoint RNG states, so dropout after a resume would differ. States are applied
     in `on_train_start`, not at load time: setting up the dataloaders draws from the RNG in between.
+
+    Each epoch's first batch also starts from RNGs seeded by (seed, epoch): a checkpoint taken on an
+    epoch's last batch resumes at the next epoch, while the uninterrupted run drew from the RNG in between
+    (end-of-epoch validation, new loader iterators), so its dropout masks would differ from there on.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
         self._pending: list[dict[str, Any]] | None = None
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if batch_idx == 0:  # also after a resume at an epoch boundary, where on_train_epoch_start is skipped
+            epoch_seed = self.seed + 1_000_003 * (trainer.current_epoch + 1)
+            torch.manual_seed(epoch_seed)
+            random.seed(epoch_seed)
+            np.random.seed(epoch_seed % 2**32)
 
     def on_save_checkpoint(self, trainer: L.Trainer, module: L.LightningModule, checkpoint: dict) -> None:
         state = _rng_state()

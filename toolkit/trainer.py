@@ -75,7 +75,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> 
             auto_insert_metric_name=False,
             every_n_train_steps=cfg.checkpoint.every_n_train_steps,
         ),
-        RNGStateCallback(),
+        RNGStateCallback(cfg.seed),
     ]
     if SLURMEnvironment.detect():
         callbacks.append(RequeueOnSignal())
