@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,6 +35,16 @@ TINY_LLAMA = (
     "num_key_value_heads:2,intermediate_size:64,vocab_size:49152,max_position_embeddings:256,"
     "tie_word_embeddings:true}"
 )
+# The quickstart on a 64-example slice with the tiny BERT: for runs through the command line.
+TINY_RUN = [
+    "recipe=quickstart",
+    TINY_BERT,
+    "data.max_train_examples=64",
+    "data.max_eval_examples=16",
+    "data.batch_size=8",
+    "progress_bar=false",
+    "scheduler.num_warmup_steps=2",
+]
 FAST = ["logger=none", "progress_bar=false", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1"]
 TINY_CLASSIFIER = [
     "recipe=quickstart",
@@ -101,6 +113,16 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = tmp_path_factory.mktemp("tiny_llama")
     return save_tiny_pretrained(path, TINY_LLAMA, LlamaForCausalLM, asset_path("smollm2_135m_instruct"))
+
+
+TOOLKIT_TRAIN = Path(sys.executable).with_name("toolkit-train")
+
+
+def toolkit_train(args: list[str], cwd: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    """`toolkit-train <args>` in a subprocess from `cwd`, output captured."""
+    return subprocess.run(
+        [str(TOOLKIT_TRAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 def compose_config(overrides: list[str]) -> DictConfig:

@@ -14,23 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import TINY_BERT
+from .conftest import TINY_RUN, TOOLKIT_TRAIN, toolkit_train
 
-TINY = [
-    "recipe=quickstart",
-    TINY_BERT,
-    "data.max_train_examples=64",
-    "data.max_eval_examples=16",
-    "data.batch_size=8",
-    "trainer.accelerator=cpu",
-    "progress_bar=false",
-    "scheduler.num_warmup_steps=2",
-]
-TRAIN = Path(sys.executable).with_name("toolkit-train")
-
-
-def toolkit_train(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([str(TRAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=600, **kwargs)
+TINY = [*TINY_RUN, "trainer.accelerator=cpu"]
 
 
 def only_run_dir(root: Path) -> Path:
@@ -64,7 +50,7 @@ def test_resume_after_kill_is_exact(tmp_path, every, max_steps):
     killed = tmp_path / "killed"
     killed.mkdir()
     proc = subprocess.Popen(
-        [str(TRAIN), *args], cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [str(TOOLKIT_TRAIN), *args], cwd=killed, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:

@@ -3,10 +3,6 @@ ZeRO-3 rank really held (its checkpoint shard)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -14,7 +10,7 @@ from toolkit.estimate import GB, estimate, per_device
 from toolkit.models import build_model
 from toolkit.train import compose_config
 
-from .conftest import TINY_BERT
+from .conftest import TINY_BERT, toolkit_train
 
 FULL = ["recipe=quickstart", TINY_BERT, "adapter=none", "trainer.devices=2", "data.batch_size=8"]
 
@@ -62,13 +58,7 @@ def test_estimate_matches_what_a_zero3_rank_holds(tmp_path):
         "stages=[train]",
         f"hydra.run.dir={run_dir}",
     ]
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("toolkit-train")), *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=tmp_path,
-    )
+    result = toolkit_train(args, tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     row = estimate(compose_config([*FULL, "strategy=deepspeed_zero3"]))["deepspeed_zero3"]
     expected = row["parameters"] + row["optimizer"]

@@ -14,20 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import TINY_BERT
+from .conftest import TINY_RUN
 
 pytestmark = pytest.mark.slurm
 
 BIN = Path(sys.executable).parent
-TINY = [
-    "recipe=quickstart",
-    TINY_BERT,
-    "data.max_train_examples=64",
-    "data.max_eval_examples=16",
-    "data.batch_size=8",
-    "progress_bar=false",
-    "scheduler.num_warmup_steps=2",
-]
+TINY = TINY_RUN
 
 
 @pytest.fixture(scope="module", autouse=True)

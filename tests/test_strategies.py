@@ -7,7 +7,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from transformers import AutoModelForSequenceClassification, BertModel
 
 from toolkit.checkpoint import existing_checkpoint, read_state_dict
 
-from .conftest import TINY_BERT, save_tiny_pretrained
+from .conftest import TINY_BERT, TOOLKIT_TRAIN, save_tiny_pretrained, toolkit_train
 
 STRATEGIES = ["ddp", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"]
 # Dropout off (each rank would draw its own masks) and plain shuffling (length grouping sorts per rank):
@@ -57,13 +56,7 @@ def train(run_dir: Path, base: Path, *overrides: str) -> list[float]:
         *([] if rerun else [f"hydra.run.dir={run_dir}"]),
         *overrides,
     ]
-    result = subprocess.run(
-        [str(Path(sys.executable).with_name("toolkit-train")), *args],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=run_dir.parent,
-    )
+    result = toolkit_train(args, run_dir.parent, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = pd.read_csv(run_dir / "csv" / "version_0" / "metrics.csv")
     return metrics.dropna(subset=["train/loss"]).sort_values("step")["train/loss"].tolist()
@@ -129,7 +122,7 @@ def test_kill_and_resume_ends_with_the_same_weights(strategy, tmp_path, tiny_ber
     killed = tmp_path / "killed"
     args = [*COMMON, f"model.name_or_path={tiny_bert_dir}", f"hydra.run.dir={killed}", *common]
     job = subprocess.Popen(
-        [str(Path(sys.executable).with_name("toolkit-train")), *args],
+        [str(TOOLKIT_TRAIN), *args],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 
 from toolkit.adapters import apply_adapter
 from toolkit.console import console
@@ -48,31 +50,28 @@ class ModelStates:
     optimizer: int
 
 
-def count_states(cfg: DictConfig, task_auto_class: type, model_kwargs: dict) -> tuple[ModelStates, int, int]:
+def model_config(cfg: DictConfig, **model_kwargs: Any) -> PretrainedConfig:
+    """The HF config the recipe's model is built from (no weights are read)."""
+    if cfg.model.config is not None:
+        values = OmegaConf.to_container(cfg.model.config, resolve=True)
+        return AutoConfig.for_model(values.pop("model_type"), **values, **model_kwargs)
+    return AutoConfig.from_pretrained(cfg.model.name_or_path, **model_kwargs)
+
+
+def count_states(cfg: DictConfig, task: Any, hf_config: PretrainedConfig) -> tuple[ModelStates, int, int]:
     """Build the model (and adapter) on the meta device; returns states and (total, trainable) counts."""
-    m = cfg.model
-    if m.config is not None:
-        values = OmegaConf.to_container(m.config, resolve=True)
-        hf_config = AutoConfig.for_model(values.pop("model_type"), **values, **model_kwargs)
-    else:
-        hf_config = AutoConfig.from_pretrained(m.name_or_path, **model_kwargs)
+    dtype = DTYPES[cfg.model.dtype]
     with torch.device("meta"):
-        model = task_auto_class.from_config(hf_config, dtype=DTYPES[m.dtype])
+        model = task.auto_class.from_config(hf_config, dtype=dtype)
         adapter = OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.adapter else None
-        model = apply_adapter(model, adapter, instantiate_task(cfg).peft_task_type)
+        model = apply_adapter(model, adapter, task.peft_task_type)
     total = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    master = 0 if DTYPES[m.dtype] == torch.float32 else 4  # fp32 master weights beside 16-bit ones
+    master = 0 if dtype == torch.float32 else 4  # fp32 master weights beside 16-bit ones
     return ModelStates(weight_bytes, grad_bytes, n_trainable * (8 + master)), total, n_trainable
-
-
-def instantiate_task(cfg: DictConfig):
-    from hydra.utils import instantiate
-
-    return instantiate(cfg.task)
 
 
 def activation_bytes(cfg: DictConfig, hf_config) -> int:
@@ -95,14 +94,9 @@ def per_device(states: ModelStates, strategy: str, ranks: int) -> dict[str, floa
 
 
 def estimate(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    task = instantiate_task(cfg)
-    model_kwargs = task.model_kwargs()
-    states, total, trainable = count_states(cfg, task.auto_class, model_kwargs)
-    hf_config = (
-        AutoConfig.for_model(**OmegaConf.to_container(cfg.model.config, resolve=True))
-        if cfg.model.config is not None
-        else AutoConfig.from_pretrained(cfg.model.name_or_path)
-    )
+    task = instantiate(cfg.task)
+    hf_config = model_config(cfg, **task.model_kwargs())
+    states, total, trainable = count_states(cfg, task, hf_config)
     ranks = (cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1) * cfg.trainer.num_nodes
     activations = activation_bytes(cfg, hf_config)
     rows = {}
@@ -134,7 +128,7 @@ def table(rows: dict[str, dict[str, float]], selected: str, device_gb: float | N
     return out
 
 
-def selected_strategy(cfg: DictConfig) -> str:
+def selected_strategy() -> str:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().runtime.choices.get("strategy", "single")
@@ -155,4 +149,4 @@ def main() -> None:
     except ToolkitError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    console.print(table(rows, selected_strategy(cfg), device_gb))
+    console.print(table(rows, selected_strategy(), device_gb))
