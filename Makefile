@@ -1,5 +1,6 @@
 # make run   -- fresh machine: venv, install, offline assets, then the default recipe (quickstart)
 # make test  -- fresh machine: venv, install, offline assets, then the whole test suite
+# make bench -- the benchmarks: tables in benchmarks/results/<date>.md, figures in results/latest.json
 VENV   := .venv
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
@@ -9,7 +10,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # DeepSpeed compiles its C++ ops on first use; keep them across runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test bench lint clean
 
 setup: $(STAMP)
 
@@ -28,6 +29,9 @@ run: setup
 
 test: setup
 	$(OFFLINE) $(VENV)/bin/pytest -m "not slow and not gpu"
+
+bench: setup
+	$(OFFLINE) $(VENV)/bin/python -m benchmarks
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

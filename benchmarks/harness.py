@@ -1,0 +1,84 @@
+"""Shared plumbing for benchmarks: machine description, medians, and publishing results.
+
+Each benchmark module has `main(tiny: bool) -> Result`; `python -m benchmarks` runs them all and
+`publish` appends each table to `benchmarks/results/<date>.md` and merges its figures into
+`benchmarks/results/latest.json` (a flat {"figure.name": number} map compared across commits).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import statistics
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VERSIONED = ("torch", "lightning", "deepspeed", "transformers", "peft", "torchao")
+
+
+@dataclass
+class Result:
+    title: str
+    command: str
+    table: list[dict]  # rows of {column: value}, first row's keys are the header
+    figures: dict[str, float] = field(default_factory=dict)
+    notes: str = ""
+
+
+def machine() -> str:
+    versions = ", ".join(f"{name} {version(name)}" for name in VERSIONED)
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}; {versions}"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row[key]) for key in header) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def publish(result: Result, results_dir: Path = RESULTS) -> Path:
+    """Append the table to today's report and merge the figures into latest.json; returns the report."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    report = results_dir / f"{dt.date.today().isoformat()}.md"
+    section = [
+        f"## {result.title}",
+        "",
+        f"- machine: {machine()}",
+        f"- command: `{result.command}`",
+        f"- at: {dt.datetime.now().isoformat(timespec='seconds')}",
+        "",
+        markdown_table(result.table),
+        "",
+    ]
+    if result.notes:
+        section += [result.notes, ""]
+    with report.open("a") as f:
+        f.write("\n".join(section) + "\n")
+    latest = results_dir / "latest.json"
+    figures = json.loads(latest.read_text()) if latest.exists() else {}
+    figures.update({name: float(value) for name, value in result.figures.items()})
+    tmp = latest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(sorted(figures.items())), indent=2) + "\n")
+    tmp.replace(latest)
+    return report
