@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from toolkit.samplers import LengthGroupedSampler
+from toolkit.samplers import LengthGroupedSampler, ResumableSampler
 
 LENGTHS = [random.Random(0).randint(1, 64) for _ in range(100)]
 
@@ -47,3 +47,31 @@ def test_an_epoch_saved_fully_consumed_restarts_fresh():
     resumed = sampler(epoch=1)
     resumed.load_state_dict(first.state_dict())
     assert list(resumed) == list(sampler(epoch=1))
+
+
+def plain(rank: int, world: int) -> ResumableSampler:
+    return ResumableSampler(list(range(100)), num_replicas=world, rank=rank, shuffle=True, seed=3)
+
+
+def consume(samplers: list[ResumableSampler], steps: int) -> list[int]:
+    iterators = [iter(s) for s in samplers]
+    return [next(it) for _ in range(steps) for it in iterators]
+
+
+def test_resume_on_another_world_size_continues_with_the_unseen_examples():
+    """2 ranks stop after 12 examples each; 1 rank resumes: together they see the epoch exactly once.
+    And the reverse: 1 rank stops after 24, 2 ranks resume with the remaining 76."""
+    two = [plain(r, 2) for r in range(2)]
+    before = consume(two, 12)
+    one = plain(0, 1)
+    one.load_state_dict(two[0].state_dict())
+    assert sorted(before + list(one)) == list(range(100))
+
+    single = plain(0, 1)
+    before = consume([single], 24)
+    after = []
+    for rank in range(2):
+        resumed = plain(rank, 2)
+        resumed.load_state_dict(single.state_dict())
+        after += list(resumed)
+    assert sorted(before + after) == list(range(100))

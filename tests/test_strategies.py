@@ -120,23 +120,7 @@ def test_kill_and_resume_ends_with_the_same_weights(strategy, tmp_path, tiny_ber
     straight = tmp_path / "straight"
     train(straight, tiny_bert_dir, *common)
     killed = tmp_path / "killed"
-    args = [*COMMON, f"model.name_or_path={tiny_bert_dir}", f"hydra.run.dir={killed}", *common]
-    job = subprocess.Popen(
-        [str(TOOLKIT_TRAIN), *args],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 600
-    while (
-        not (killed / "checkpoints" / "last.ckpt").exists() and job.poll() is None and time.time() < deadline
-    ):
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.0))
-    os.killpg(job.pid, signal.SIGKILL)  # every rank at once, like a lost node
-    job.wait()
-    stopped_at = checkpoint_step(existing_checkpoint(killed / "checkpoints" / "last.ckpt"))
+    stopped_at = kill_after_a_checkpoint(killed, tiny_bert_dir, *common)
     assert stopped_at < 40, "the run finished before it could be killed"
     train(killed, tiny_bert_dir, *common, f"from_run={killed}", "resume=last")
     expected = read_state_dict(straight / "checkpoints" / "last.ckpt")
@@ -144,3 +128,72 @@ def test_kill_and_resume_ends_with_the_same_weights(strategy, tmp_path, tiny_ber
     assert resumed.keys() == expected.keys()
     diff = max((resumed[k] - expected[k]).abs().max().item() for k in expected)
     assert diff == 0.0, f"{strategy}, killed after step {stopped_at}: max |dw| after resume = {diff}"
+
+
+def kill_after_a_checkpoint(run_dir: Path, base: Path, *overrides: str) -> int:
+    """Start a training job, SIGKILL all its ranks at a random moment after its first checkpoint
+    (mid-epoch, possibly mid-save), and return the step its last checkpoint holds."""
+    args = [*COMMON, f"model.name_or_path={base}", f"hydra.run.dir={run_dir}", *overrides]
+    job = subprocess.Popen(
+        [str(TOOLKIT_TRAIN), *args],
+        cwd=run_dir.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + 600
+    while (
+        not (run_dir / "checkpoints" / "last.ckpt").exists() and job.poll() is None and time.time() < deadline
+    ):
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.0))
+    os.killpg(job.pid, signal.SIGKILL)  # every rank at once, like a lost node
+    job.wait()
+    return checkpoint_step(existing_checkpoint(run_dir / "checkpoints" / "last.ckpt"))
+
+
+def all_losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss over every run that logged into `run_dir` (a resumed run logs a new version)."""
+    frames = [pd.read_csv(f) for f in sorted((run_dir / "csv").glob("version_*/metrics.csv"))]
+    metrics = pd.concat(frames).dropna(subset=["train/loss"])
+    return dict(zip(metrics["step"], metrics["train/loss"], strict=True))
+
+
+@pytest.mark.parametrize(
+    "strategy,before,after",
+    [("fsdp2", 2, 1), ("fsdp2", 1, 2), ("deepspeed_zero2", 2, 1), ("deepspeed_zero3", 1, 2)],
+)
+def test_resume_on_another_world_size_continues_the_same_training(
+    strategy, before, after, tmp_path, base_dir
+):
+    """Dropout off and plain shuffling: N ranks x batch 16/N is the same training for any N (first-loss
+    parity above). A run killed on `before` ranks and resumed on `after` ranks (FSDP2: DCP reshards;
+    DeepSpeed: through a universal checkpoint) continues the uninterrupted run's loss curve and ends with
+    its weights, up to float summation order across ranks."""
+    common = [
+        f"strategy={strategy}",
+        "adapter.lora_dropout=0.0",  # no dropout at all: each rank would draw its own masks
+        "trainer.max_steps=24",
+        "trainer.max_epochs=10",
+        "checkpoint.every_n_train_steps=1",
+        "stages=[train]",
+    ]
+
+    def world(n: int) -> list[str]:
+        return [f"trainer.devices={n}", f"data.batch_size={16 // n}"]
+
+    straight = tmp_path / "straight"
+    train(straight, base_dir, *common, *world(before))
+    killed = tmp_path / "killed"
+    stopped_at = kill_after_a_checkpoint(killed, base_dir, *common, *world(before))
+    assert stopped_at < 24, "the run finished before it could be killed"
+    train(killed, base_dir, *common, *world(after), f"from_run={killed}", "resume=last")
+
+    expected_losses, resumed_losses = all_losses(straight), all_losses(killed)
+    assert sorted(resumed_losses) == sorted(expected_losses)
+    torch.testing.assert_close(resumed_losses, expected_losses, rtol=0, atol=1e-4)
+    expected = read_state_dict(straight / "checkpoints" / "last.ckpt")
+    resumed = read_state_dict(killed / "checkpoints" / "last.ckpt")
+    assert resumed.keys() == expected.keys()
+    diff = max((resumed[k] - expected[k]).abs().max().item() for k in expected)
+    assert diff < 1e-5, f"{strategy} {before}->{after} ranks after step {stopped_at}: max |dw| = {diff}"

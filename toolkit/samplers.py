@@ -16,8 +16,17 @@ class ResumableSampler(StatefulDistributedSampler):
     position there would skip that whole next epoch (seen: 196 of 200 steps, max|dw| 0.14).
     """
 
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "num_replicas": self.num_replicas}
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        saved_replicas = state_dict.get("num_replicas", self.num_replicas)
+        if self.next_yielded is not None and saved_replicas != self.num_replicas:
+            # Resumed on another world size: skip the same number of examples across all ranks. Rank r
+            # draws permutation[r::num_replicas], so with plain shuffling the examples skipped are exactly
+            # the ones consumed before (length-grouped windows are per rank: there, the same count).
+            self.next_yielded = self.next_yielded * saved_replicas // self.num_replicas
         if self.next_yielded is not None and self.next_yielded >= self.num_samples:
             self.next_yielded = None
 

@@ -6,8 +6,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import shutil
 from collections.abc import Generator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.seed import reset_seed
@@ -63,6 +67,26 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             self, lambda path: parent.save_checkpoint(checkpoint, path, storage_options), filepath
         )
 
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(checkpoint_path)
+        saved_world_size = zero_world_size(path)
+        if saved_world_size in (None, self.world_size):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        # ZeRO partitions depend on the world size: go through DeepSpeed's universal checkpoint format
+        universal = path.with_name(f".{path.name}.universal")
+        if self.is_global_zero:
+            convert_to_universal(path, universal)
+        self.barrier("universal checkpoint written")
+        config = self.deepspeed_engine._config
+        config.load_universal_checkpoint = True
+        try:
+            return super().load_checkpoint(universal, weights_only)
+        finally:
+            config.load_universal_checkpoint = False
+            self.barrier("universal checkpoint loaded")
+            if self.is_global_zero:
+                shutil.rmtree(universal, ignore_errors=True)
+
     @contextmanager
     def model_sharded_context(self) -> Generator[None, None, None]:
         # Not Lightning's zero.Init around configure_model: transformers, seeing the HfDeepSpeedConfig that
@@ -76,6 +100,36 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         """The DeepSpeed config when it shards parameters (ZeRO-3), for building the HF model inside it."""
         self._init_config_if_needed()
         return self.config if self.zero_stage_3 else None
+
+
+def zero_world_size(checkpoint: Path) -> int | None:
+    """The data-parallel world size a DeepSpeed checkpoint directory was saved with (one optimizer
+    partition file per rank), or None for anything else."""
+    latest = checkpoint / "latest"
+    if not latest.is_file():
+        return None
+    partitions = list((checkpoint / latest.read_text().strip()).glob("*zero_pp_rank_*_optim_states.pt"))
+    return len(partitions) or None
+
+
+def convert_to_universal(checkpoint: Path, universal: Path) -> None:
+    """DeepSpeed's `ds_to_universal` on a Lightning DeepSpeed checkpoint: `universal` then loads on any
+    world size with `load_universal_checkpoint`."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tag = (checkpoint / "latest").read_text().strip()
+    shutil.rmtree(universal, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(checkpoint / tag),
+        output_folder=str(universal / tag),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # Lightning saves no universal_checkpoint_info
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints every parameter it converts
+        ds_to_universal.main(args)
 
 
 class FSDP2Strategy(ModelParallelStrategy):
