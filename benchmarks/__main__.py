@@ -3,10 +3,10 @@
 import argparse
 from pathlib import Path
 
-from benchmarks import harness
+from benchmarks import harness, strategies
 
 # Each entry is a module with `main(tiny: bool) -> harness.Result`; add new benchmarks here.
-BENCHMARKS: dict = {}
+BENCHMARKS = {"strategies": strategies}
 
 
 def main() -> None:

@@ -150,3 +150,17 @@ def sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> t
     cfg = compose_config([*TINY_SFT, f"model.name_or_path={tiny_llama_dir}", "model.config=null"])
     assert run_pipeline(cfg, run_dir) == ["train", "export", "evaluate"]
     return cfg, run_dir
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny BERT with dropout off, saved as a pretrained base: runs on any number of ranks see the
+    same computation (each rank would draw its own dropout masks)."""
+    from transformers import BertModel
+
+    from toolkit.assets import asset_path
+
+    no_dropout = TINY_BERT.replace(
+        "}", ",hidden_dropout_prob:0.0,attention_probs_dropout_prob:0.0,classifier_dropout:0.0}"
+    )
+    return save_tiny_pretrained(tmp_path_factory.mktemp("base"), no_dropout, BertModel, asset_path("minilm"))

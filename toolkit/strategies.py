@@ -165,7 +165,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             "reshard_after_forward": self.reshard_after_forward,
         }
         if self.cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+            # pinned host memory speeds copies to an accelerator; on CPU ranks there is nothing to pin for
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.root_device.type != "cpu")
         blocks = [m for m in model.modules() if type(m).__name__ in set(block_names)]
         if not blocks:
             raise ToolkitError(

@@ -85,6 +85,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> 
         callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=cfg.early_stopping.patience))
     if cfg.progress_bar:
         callbacks.append(RichProgressBar(refresh_rate=cfg.progress_bar_refresh))
+    callbacks += [instantiate(extra) for extra in cfg.get("callbacks", {}).values()]
     return callbacks
 
 

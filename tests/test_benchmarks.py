@@ -1,0 +1,32 @@
+"""Benchmarks at tiny size: they run end to end and publish a well-formed table and figures (no timings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(name: str, results: Path) -> tuple[str, dict[str, float]]:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--tiny", "--only", name, "--results", str(results)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (report,) = results.glob("*.md")
+    return report.read_text(), json.loads((results / "latest.json").read_text())
+
+
+def test_strategies_benchmark_publishes_its_table_and_ratios(tmp_path):
+    report, figures = run_benchmark("strategies", tmp_path)
+    assert "| strategy | median step s |" in report and "| fsdp2 |" in report
+    assert figures["strategies.ddp.state_bytes_over_ddp"] == 1.0
+    # FSDP2 shards parameters, gradients and AdamW states over the 2 ranks: half of DDP's, plus buffers
+    assert 0.45 < figures["strategies.fsdp2.state_bytes_over_ddp"] < 0.6
+    assert all(value > 0 for value in figures.values())
