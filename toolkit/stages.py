@@ -101,6 +101,19 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
     return str(resume)
 
 
+def state_dict_mismatch(err: RuntimeError) -> str | None:
+    """The first line of torch's (or DCP's) state-dict mismatch report, e.g. `size mismatch for
+    model.x.weight: copying a param with shape [64, 32] from checkpoint, the shape in current model is
+    [48, 32]`; None for any other error."""
+    for line in str(err).splitlines():
+        line = line.strip().rstrip(".")
+        if line.startswith(("size mismatch for", "Missing key(s)", "Unexpected key(s)")):
+            return line.replace("torch.Size(", "").replace("])", "]")
+        if "Size mismatch between saved" in line:  # distributed checkpoint (FSDP2)
+            return line
+    return None
+
+
 def train_stage(cfg: DictConfig, run_dir: Path) -> bool:
     """Fit the model; returns True on the process that runs the later stages (global rank 0)."""
     check_strategy(
@@ -117,7 +130,14 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> bool:
     trainer = build_trainer(cfg, run_dir, f"val/{task.primary_metric}", task.mode)
     if trainer.is_global_zero:
         atomic_write_text(run_dir / SPLIT_RECORD, json.dumps(data.split_fingerprints(), indent=2))
-    trainer.fit(module, datamodule=data, ckpt_path=resume_checkpoint(cfg.resume, run_dir))
+    checkpoint = resume_checkpoint(cfg.resume, run_dir)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=checkpoint)
+    except RuntimeError as err:
+        mismatch = checkpoint and state_dict_mismatch(err)
+        if mismatch:
+            raise ToolkitError(f"resume checkpoint '{checkpoint}' is from another model: {mismatch}") from err
+        raise
     _print_wandb_sync(trainer)
     is_zero = trainer.is_global_zero
     if torch.distributed.is_initialized():
