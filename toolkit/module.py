@@ -18,6 +18,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from toolkit.adapters import apply_adapter, is_adapter, trainable_summary
 from toolkit.console import console
+from toolkit.errors import ToolkitError
 from toolkit.models import build_model
 from toolkit.tasks import compute_metrics, model_inputs
 
@@ -32,10 +33,12 @@ class TaskModule(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         total_steps: int = 0,
         prebuilt: torch.nn.Module | None = None,
+        on_nonfinite_loss: str = "stop",
     ) -> None:
         """`model`: kwargs of `build_model`; `adapter`: LoraConfig kwargs or None; `prebuilt`: a model to
-        wrap as is (evaluation of an exported model)."""
+        wrap as is (evaluation of an exported model); `on_nonfinite_loss`: stop | skip (the batch)."""
         super().__init__()
+        self.on_nonfinite_loss, self.skipped_batches = on_nonfinite_loss, 0
         self.task, self.model_kwargs, self.adapter = task, model or {}, adapter
         self.optimizer_factory, self.scheduler_factory, self.total_steps = optimizer, scheduler, total_steps
         self.model: torch.nn.Module | None = prebuilt
@@ -82,8 +85,21 @@ class TaskModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
-        # averaged over ranks: the loss of the global batch, comparable across strategies and world sizes
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        # averaged over ranks: the loss of the global batch, comparable across strategies and world sizes;
+        # a NaN or inf on any rank makes the mean non-finite, so every rank takes the same decision below
+        global_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        if not torch.isfinite(global_loss):
+            where = f"at step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+            if self.on_nonfinite_loss == "stop":
+                raise ToolkitError(
+                    f"non-finite training loss ({global_loss.item()}) {where}; lower optim.lr, check the "
+                    "data, or set on_nonfinite_loss=skip to skip such batches"
+                )
+            console.print(f"[yellow]skipped a batch with a non-finite loss ({global_loss.item()}) {where}")
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches), batch_size=1)
+            return None  # Lightning then skips backward and the optimizer step, on every rank alike
+        self.log("train/loss", global_loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -69,6 +69,7 @@ def build_module(cfg: DictConfig, task: Any, pad_token_id: int | None, total_ste
         optimizer=instantiate(cfg.optim),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         total_steps=total_steps,
+        on_nonfinite_loss=cfg.get("on_nonfinite_loss", "stop"),
     )
 
 
@@ -114,8 +115,19 @@ def state_dict_mismatch(err: RuntimeError) -> str | None:
     return None
 
 
+def check_nonfinite_policy(policy: str, strategy_target: str) -> None:
+    if policy not in ("stop", "skip"):
+        raise ToolkitError(f"on_nonfinite_loss='{policy}' is not a policy; valid: stop, skip")
+    if policy == "skip" and "DeepSpeed" in strategy_target:
+        raise ToolkitError(
+            "on_nonfinite_loss=skip is not possible under DeepSpeed (its engine cannot skip an optimizer "
+            "step); use on_nonfinite_loss=stop or another strategy"
+        )
+
+
 def train_stage(cfg: DictConfig, run_dir: Path) -> bool:
     """Fit the model; returns True on the process that runs the later stages (global rank 0)."""
+    check_nonfinite_policy(cfg.get("on_nonfinite_loss", "stop"), cfg.strategy.get("_target_") or "")
     check_strategy(
         OmegaConf.to_container(cfg.strategy, resolve=True),
         cfg.optim._target_,

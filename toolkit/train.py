@@ -80,7 +80,8 @@ def _main(cfg: DictConfig) -> None:
         cause = user_error(err)
         if cause is None:
             raise
-        if fresh and not done and hydra_cfg.output_subdir is not None:
+        started = (run_dir / "checkpoints").exists()  # a failure after checkpoints keeps them (and logs)
+        if fresh and not done and not started and hydra_cfg.output_subdir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)  # bad input leaves nothing that looks like a run
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
