@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import re
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from toolkit.checkpoint import read_state_dict
+from toolkit.checkpoint import check_checkpoint, read_state_dict
+from toolkit.errors import ToolkitError
 from toolkit.module import TaskModule
 
-from .conftest import TINY_CLASSIFIER, TINY_RUN, compose_config, run_pipeline
+from .conftest import TINY_CLASSIFIER, TINY_RUN, compose_config, run_pipeline, toolkit_train
 from .test_errors import run_cli
 
 pytestmark = pytest.mark.faults
@@ -51,3 +55,55 @@ def test_skip_policy_skips_the_nonfinite_batch_and_trains_on(monkeypatch, tmp_pa
     assert calls["n"] == 6
     weights = read_state_dict(tmp_path / "checkpoints" / "last.ckpt")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.fixture
+def run_copy(classifier_run, tmp_path) -> tuple[DictConfig, Path]:
+    """A private copy of the tiny trained classifier run, to damage."""
+    cfg, run_dir = classifier_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return cfg, copy
+
+
+def truncate(path: Path) -> None:
+    with path.open("r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def with_overrides(cfg: DictConfig, **values) -> DictConfig:
+    cfg = cfg.copy()
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def test_a_truncated_export_is_refused_naming_the_file(run_copy):
+    cfg, run_dir = run_copy
+    weights = run_dir / "export" / "model" / "model.safetensors"
+    truncate(weights)
+    with pytest.raises(ToolkitError, match=re.escape(f"{weights} is corrupted: ")):
+        run_pipeline(with_overrides(cfg, stages=["evaluate"]), run_dir)
+
+
+def test_a_truncated_checkpoint_is_refused_naming_the_file(run_copy):
+    cfg, run_dir = run_copy
+    last = run_dir / "checkpoints" / "last.ckpt"
+    truncate(last)
+    with pytest.raises(ToolkitError, match=re.escape(f"checkpoint file {last} is truncated or corrupted")):
+        run_pipeline(with_overrides(cfg, stages=["train"], resume="last"), run_dir)
+    with pytest.raises(ToolkitError, match=re.escape(f"checkpoint file {last} is truncated or corrupted")):
+        run_pipeline(with_overrides(cfg, stages=["export"]), run_dir)
+
+
+def test_a_truncated_dcp_shard_is_refused_naming_the_file(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY_RUN, "strategy=fsdp2", "trainer.devices=1", "trainer.max_steps=2", "logger=none"]
+    done = toolkit_train([*args, "stages=[train]", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    check_checkpoint(checkpoint)  # complete: passes
+    (shard,) = checkpoint.glob("*.distcp")
+    truncate(shard)
+    with pytest.raises(ToolkitError, match=re.escape(f"checkpoint file {shard} is truncated or missing")):
+        check_checkpoint(checkpoint)

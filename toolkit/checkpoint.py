@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,7 @@ def find_checkpoint(run_dir: Path) -> Path:
 def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The module weights of a checkpoint, consolidated: a Lightning .ckpt file, a DeepSpeed ZeRO checkpoint
     directory (fp32 weights rebuilt from the shards) or a torch DCP directory (FSDP2)."""
+    check_checkpoint(checkpoint)
     if checkpoint.is_file():
         return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     if (checkpoint / "latest").exists():
@@ -131,6 +133,28 @@ def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
         return _load_distributed_checkpoint(checkpoint)["state_dict"]
     raise ToolkitError(f"{checkpoint} is not a checkpoint: no .ckpt file, DeepSpeed 'latest' or DCP metadata")
+
+
+def check_checkpoint(checkpoint: Path) -> None:
+    """Refuse a truncated checkpoint with one line naming the file, before anything loads it: every torch
+    file (a zip) must have its central directory, every DCP shard the extent its metadata records."""
+    files = [checkpoint] if checkpoint.is_file() else sorted(checkpoint.rglob("*.pt"))
+    for path in files:
+        try:
+            zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ToolkitError(f"checkpoint file {path} is truncated or corrupted ({err})") from err
+    if checkpoint.is_dir() and (checkpoint / ".metadata").exists():
+        from torch.distributed.checkpoint import FileSystemReader
+
+        for info in FileSystemReader(str(checkpoint)).read_metadata().storage_data.values():
+            path = checkpoint / info.relative_path
+            size = path.stat().st_size if path.exists() else 0
+            if size < info.offset + info.length:
+                raise ToolkitError(
+                    f"checkpoint file {path} is truncated or missing ({size} bytes, its metadata "
+                    f"records data up to byte {info.offset + info.length})"
+                )
 
 
 def load_weights(module: L.LightningModule, checkpoint: Path) -> None:

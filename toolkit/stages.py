@@ -21,6 +21,7 @@ from toolkit.adapters import is_adapter
 from toolkit.checkpoint import (
     atomic_dir,
     atomic_write_text,
+    check_checkpoint,
     existing_checkpoint,
     find_checkpoint,
     load_weights,
@@ -28,6 +29,7 @@ from toolkit.checkpoint import (
 from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
+from toolkit.manifest import verify_manifest, write_manifest
 from toolkit.models import build_model
 from toolkit.module import TaskModule
 from toolkit.strategies import check_strategy
@@ -96,9 +98,11 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
                 f"resume=last: no checkpoint in {run_dir / 'checkpoints'} yet, starting from the beginning"
             )
             return None
+        check_checkpoint(last)
         return str(last)
     if not Path(resume).exists():  # a file, or a directory for sharded (DeepSpeed, FSDP2) checkpoints
         raise ToolkitError(f"resume='{resume}' is not a checkpoint; use 'last' or the path of a .ckpt")
+    check_checkpoint(Path(resume))
     return str(resume)
 
 
@@ -181,6 +185,7 @@ def export_stage(cfg: DictConfig, run_dir: Path) -> None:
             model = model.merge_and_unload()
         model.save_pretrained(tmp / "model")
         tokenizer.save_pretrained(tmp / "model")
+        write_manifest(tmp)
     console.print(f"exported: {run_dir / 'export'}")
 
 
@@ -216,6 +221,7 @@ def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]
     }
     exported = run_dir / "export" / "model"
     if exported.exists():
+        verify_manifest(exported.parent)
         variants["fine_tuned"] = task.auto_class.from_pretrained(exported)
     results = {}
     for name, model in variants.items():
