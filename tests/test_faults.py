@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -11,11 +15,11 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from toolkit.checkpoint import check_checkpoint, read_state_dict
+from toolkit.checkpoint import check_checkpoint, existing_checkpoint, read_state_dict
 from toolkit.errors import ToolkitError
 from toolkit.module import TaskModule
 
-from .conftest import TINY_CLASSIFIER, TINY_RUN, compose_config, run_pipeline, toolkit_train
+from .conftest import TINY_CLASSIFIER, TINY_RUN, TOOLKIT_TRAIN, compose_config, run_pipeline, toolkit_train
 from .test_errors import run_cli
 
 pytestmark = pytest.mark.faults
@@ -107,3 +111,113 @@ def test_a_truncated_dcp_shard_is_refused_naming_the_file(tmp_path):
     truncate(shard)
     with pytest.raises(ToolkitError, match=re.escape(f"checkpoint file {shard} is truncated or missing")):
         check_checkpoint(checkpoint)
+
+
+def launch(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    args = [*TINY_RUN, "logger=none", f"hydra.run.dir={run_dir}", *overrides]
+    return subprocess.Popen(
+        [str(TOOLKIT_TRAIN), *args],
+        cwd=run_dir.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for(condition, job: subprocess.Popen, timeout: float = 300, every: float = 0.05) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert job.poll() is None, f"the job ended first: {job.stderr.read()[-2000:]}"
+        assert time.time() < deadline, "timed out"
+        time.sleep(every)
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+TWO_RANKS = [
+    "strategy=ddp",
+    "trainer.devices=2",
+    "trainer.accelerator=cpu",
+    "checkpoint.every_n_train_steps=1",
+]
+
+
+def test_a_rank_that_dies_ends_the_job_promptly_and_resume_finishes(tmp_path):
+    run_dir = tmp_path / "run"
+    job = launch(run_dir, *TWO_RANKS, "trainer.max_steps=200", "trainer.max_epochs=100", "stages=[train]")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    wait_for(last.exists, job)
+    (rank1,) = children(job.pid)
+    os.kill(rank1, signal.SIGKILL)
+    started = time.time()
+    code = job.wait(timeout=120)  # gloo sees the peer gone; Lightning's launcher ends the job
+    assert code != 0
+    assert time.time() - started < 120
+    resumed = toolkit_train(
+        [*TINY_RUN, "logger=none", *TWO_RANKS, "trainer.max_steps=12", f"from_run={run_dir}", "resume=last"],
+        tmp_path,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 12
+
+
+def test_a_kill_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
+    """SIGKILL the job while a ZeRO-3 checkpoint is being written (its staging directory exists): the last
+    complete checkpoint is still whole, the partial one is never taken for it, and resume finishes."""
+    run_dir = tmp_path / "run"
+    common = [*TWO_RANKS, "strategy=deepspeed_zero3", "trainer.max_steps=12", "stages=[train]"]
+    job = launch(run_dir, *common)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    staging = last.with_name("last.ckpt.tmp")
+    wait_for(last.exists, job)  # a first complete checkpoint
+    wait_for(staging.exists, job, every=0.001)  # the next save has begun
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    complete = existing_checkpoint(last)
+    assert complete is not None and complete.name != staging.name
+    check_checkpoint(complete)
+    assert read_state_dict(complete)
+    resumed = toolkit_train(
+        [*TINY_RUN, "logger=none", *common, f"from_run={run_dir}", "resume=last"], tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert not staging.exists(), "the next save cleans the partial staging directory"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MB tmpfs: room for one checkpoint of the tiny model (~4 MB), not for the next beside it."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_during_a_save_fails_clearly_and_keeps_the_previous_checkpoint(small_disk, tmp_path):
+    run_dir = small_disk / "run"
+    done = toolkit_train(
+        [
+            *TINY_RUN,
+            "logger=none",
+            "checkpoint.every_n_train_steps=1",
+            "trainer.max_steps=6",
+            "stages=[train]",
+            f"hydra.run.dir={run_dir}",
+        ],
+        tmp_path,
+    )
+    assert done.returncode == 2
+    line = done.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: disk full while training in {run_dir} ("), line
+    assert line.endswith(
+        f"the last complete checkpoint is kept: free space, then rerun with from_run={run_dir} resume=last"
+    ), line
+    last = run_dir / "checkpoints" / "last.ckpt"
+    check_checkpoint(last)
+    assert torch.load(last, weights_only=True)["global_step"] == 1

@@ -1,11 +1,10 @@
-"""Checkpoint helpers: RNG state that resumes exactly, atomic directory writes, finding a run's checkpoint.
-
-Lightning's own checkpoint files are already written atomically (fsspec transaction: temp file + rename).
-"""
+"""Checkpoint helpers: RNG state that resumes exactly, atomic file and directory writes, finding and
+checking a run's checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import random
 import shutil
@@ -18,6 +17,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from toolkit.errors import ToolkitError
 
@@ -98,6 +98,31 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     os.replace(tmp, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each .ckpt file beside its target, fsyncs it and renames it into place: a kill or a full disk
+    mid-write leaves the previous checkpoint whole.
+
+    Lightning's own fsspec transaction stages the file in the system temp directory and, when the run
+    directory is on another filesystem (the usual case on a cluster), copies it into place non-atomically.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        buffer = io.BytesIO()  # serialised first: torch.save into a full disk fails with an opaque error
+        torch.save(checkpoint, buffer)
+        try:
+            with tmp.open("wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

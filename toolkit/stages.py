@@ -6,6 +6,7 @@ alone on an earlier run (`stages=[evaluate] from_run=<dir>`).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from pathlib import Path
@@ -154,6 +155,13 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> bool:
         if mismatch:
             raise ToolkitError(f"resume checkpoint '{checkpoint}' is from another model: {mismatch}") from err
         raise
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise ToolkitError(
+            f"disk full while training in {run_dir} ({err}); the last complete checkpoint is kept: free "
+            f"space, then rerun with from_run={run_dir} resume=last"
+        ) from err
     _print_wandb_sync(trainer)
     is_zero = trainer.is_global_zero
     if torch.distributed.is_initialized():

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from toolkit.checkpoint import RNGStateCallback
+from toolkit.checkpoint import AtomicCheckpointIO, RNGStateCallback
 from toolkit.runs import recipe_name, run_id
 from toolkit.slurm import RequeueOnSignal
 
@@ -71,8 +71,14 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> 
             monitor=monitor,
             mode=mode,
             save_top_k=1,
-            save_last=True,
             auto_insert_metric_name=False,
+        ),
+        # last.ckpt has its own callback without a monitor: one with a monitor defers step saves until
+        # the first validation has logged it, so a long first epoch would have no checkpoint at all
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            save_top_k=0,
+            save_last=True,
             every_n_train_steps=cfg.checkpoint.every_n_train_steps,
         ),
         RNGStateCallback(cfg.seed),
@@ -89,6 +95,16 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> 
     return callbacks
 
 
+def plugins(cfg: DictConfig) -> list[Any]:
+    found: list[Any] = []
+    if "DeepSpeed" not in (cfg.strategy.get("_target_") or ""):  # DeepSpeed writes its own directories
+        found.append(AtomicCheckpointIO())
+    if SLURMEnvironment.detect():
+        # under Slurm, RequeueOnSignal replaces Lightning's USR1 handler (which saves mid-step)
+        found.append(SLURMEnvironment(auto_requeue=False))
+    return found
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> L.Trainer:
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     configure_threads(
@@ -103,8 +119,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> L.
         callbacks=build_callbacks(cfg, run_dir, monitor, mode),
         enable_progress_bar=bool(cfg.progress_bar),
         default_root_dir=str(run_dir),  # where hpc_ckpt_*.ckpt goes and is found again after a requeue
-        # under Slurm, RequeueOnSignal replaces Lightning's USR1 handler (which saves mid-step)
-        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
+        plugins=plugins(cfg),
         # the data module hands out StatefulDistributedSampler itself (exact mid-epoch resume on DDP)
         use_distributed_sampler=False,
     )
