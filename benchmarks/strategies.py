@@ -1,6 +1,6 @@
 """Strategies side by side on 2 CPU ranks: median step time, peak RSS and tensor bytes held per rank.
 
-Full fine-tuning of SmolLM2-135M-Instruct (134.5M parameters, all trainable, fp32 AdamW) on the SFT data,
+Full fine-tuning of SmolLM2-135M-Instruct (134.5M parameters, all trainable, AdamW, bf16-mixed) on SFT data,
 one `toolkit-train` per strategy with `toolkit.resources.ResourceReport` attached. "State bytes" is the
 census of every tensor a rank holds just before an optimizer step (parameters, gradients, optimizer
 states and the strategy's own buffers); the estimate column is `toolkit-estimate`'s parameters +
@@ -48,6 +48,9 @@ def overrides(strategy: str, steps: int, tiny: bool) -> list[str]:
         f"optim={optim}",
         "trainer.devices=2",
         "trainer.accelerator=cpu",
+        # the precision these strategies run in on GPUs; in fp32 DeepSpeed keeps an fp32 master copy
+        # beside fp32 weights, so ZeRO-3 holds 5 partitions where DDP holds 4 whole states
+        "trainer.precision=bf16-mixed",
         f"trainer.max_steps={steps}",
         "trainer.limit_val_batches=0",
         "data.batch_size=4",

@@ -6,6 +6,7 @@ toolkit-train recipe=quickstart stages=[evaluate] from_run=runs/quickstart/<time
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -71,6 +72,9 @@ def _main(cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     fresh = not cfg.from_run
     done: list[str] = []
+    if cfg.get("private_run_dir"):
+        os.umask(0o077)  # everything this run writes is readable by its owner only
+        run_dir.chmod(0o700)
     try:
         if not fresh:
             cfg = load_from_run(cfg, list(hydra_cfg.overrides.task))

@@ -15,6 +15,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from toolkit.checkpoint import AtomicCheckpointIO, RNGStateCallback
+from toolkit.redaction import redact
 from toolkit.runs import recipe_name, run_id
 from toolkit.slurm import RequeueOnSignal
 
@@ -59,7 +60,7 @@ def build_logger(logger_cfg: DictConfig | None, run_dir: Path, cfg: DictConfig) 
         )
     else:
         logger = instantiate(logger_cfg, save_dir=str(run_dir))
-    logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
     return logger
 
 
