@@ -106,30 +106,51 @@ def checkpoint_step(path: Path) -> int:
     return _load_distributed_checkpoint(path)["global_step"]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero2", "deepspeed_zero3", "fsdp2"])
-def test_kill_and_resume_ends_with_the_same_weights(strategy, tmp_path, tiny_bert_dir):
+KILL_COMMON = [
+    "trainer.devices=2",
+    "data.batch_size=8",
+    "trainer.max_steps=40",
+    "trainer.max_epochs=10",
+    "checkpoint.every_n_train_steps=1",
+    "stages=[train]",
+]
+# 10 trials across the strategies; each kills at a random moment, so the stopping steps differ per trial
+KILL_TRIALS = [("ddp", 3), ("deepspeed_zero2", 3), ("deepspeed_zero3", 2), ("fsdp2", 2)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_bert_dir):
+    """Final weights of an uninterrupted run per strategy, computed once for all its trials."""
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+
+    def final_weights(strategy: str) -> dict[str, torch.Tensor]:
+        if strategy not in weights:
+            run_dir = tmp_path_factory.mktemp(f"straight_{strategy}") / "run"
+            train(run_dir, tiny_bert_dir, f"strategy={strategy}", *KILL_COMMON)
+            weights[strategy] = read_state_dict(run_dir / "checkpoints" / "last.ckpt")
+        return weights[strategy]
+
+    return final_weights
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize(
+    "strategy,trial", [(strategy, trial) for strategy, trials in KILL_TRIALS for trial in range(trials)]
+)
+def test_kill_and_resume_ends_with_the_same_weights(strategy, trial, tmp_path, tiny_bert_dir, uninterrupted):
     """2 ranks, dropout on, shuffled, checkpoint every step: SIGKILL the whole job at a random moment
     (mid-epoch, possibly mid-save), resume from last in a new job: the final weights equal an
     uninterrupted run's, bit for bit."""
-    common = [
-        f"strategy={strategy}",
-        "trainer.devices=2",
-        "data.batch_size=8",
-        "trainer.max_steps=40",
-        "trainer.max_epochs=10",
-        "checkpoint.every_n_train_steps=1",
-        "stages=[train]",
-    ]
-    straight = tmp_path / "straight"
-    train(straight, tiny_bert_dir, *common)
+    common = [f"strategy={strategy}", *KILL_COMMON]
     killed = tmp_path / "killed"
     stopped_at = kill_after_a_checkpoint(killed, tiny_bert_dir, *common)
     assert stopped_at < 40, "the run finished before it could be killed"
     train(killed, tiny_bert_dir, *common, f"from_run={killed}", "resume=last")
-    expected = read_state_dict(straight / "checkpoints" / "last.ckpt")
+    expected = uninterrupted(strategy)
     resumed = read_state_dict(killed / "checkpoints" / "last.ckpt")
     assert resumed.keys() == expected.keys()
     diff = max((resumed[k] - expected[k]).abs().max().item() for k in expected)
+    print(f"{strategy} trial {trial}: killed after step {stopped_at}, max |dw| after resume = {diff}")
     assert diff == 0.0, f"{strategy}, killed after step {stopped_at}: max |dw| after resume = {diff}"
 
 

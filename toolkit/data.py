@@ -16,9 +16,10 @@ import lightning as L
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
+from toolkit.models import load_tokenizer
 from toolkit.samplers import LengthGroupedSampler, ResumableSampler
 
 FILE_FORMATS = {
@@ -139,7 +140,7 @@ class _HFData(L.LightningDataModule):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
 
     def setup(self, stage: str | None = None) -> None:

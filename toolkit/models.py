@@ -59,3 +59,17 @@ def _check_source(name_or_path: str | None) -> None:
     looks_local = name_or_path.startswith((".", "/", "~")) or path.exists()
     if looks_local and not (path / "config.json").exists():
         raise ToolkitError(f"model.name_or_path '{name_or_path}' is not a model directory (no config.json)")
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """`AutoTokenizer.from_pretrained`, refusing a local directory that holds no tokenizer in one line."""
+    from transformers import AutoTokenizer
+
+    path = Path(str(name_or_path))
+    local = str(name_or_path).startswith((".", "/", "~")) or path.exists()
+    if local and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise ToolkitError(
+            f"model.tokenizer '{name_or_path}' is not a tokenizer directory "
+            "(no tokenizer.json or tokenizer_config.json)"
+        )
+    return AutoTokenizer.from_pretrained(name_or_path)

@@ -16,7 +16,6 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoTokenizer
 
 from toolkit.adapters import is_adapter
 from toolkit.checkpoint import (
@@ -31,7 +30,7 @@ from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
 from toolkit.manifest import verify_manifest, write_manifest
-from toolkit.models import build_model
+from toolkit.models import build_model, load_tokenizer
 from toolkit.module import TaskModule
 from toolkit.strategies import check_strategy
 from toolkit.trainer import build_trainer
@@ -182,7 +181,7 @@ def _print_wandb_sync(trainer: L.Trainer) -> None:
 def export_stage(cfg: DictConfig, run_dir: Path) -> None:
     """Checkpoint -> export/adapter (PEFT) and export/model (merged or full model + tokenizer)."""
     _, task = build_data_and_task(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
     module = build_module(cfg, task, tokenizer.pad_token_id)
     module.configure_model()
     load_weights(module, find_checkpoint(run_dir))

@@ -20,10 +20,11 @@ from torchmetrics.text import Perplexity
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from toolkit.models import load_tokenizer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
@@ -96,7 +97,7 @@ class CausalLM:
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
 
     def model_kwargs(self) -> dict[str, Any]:

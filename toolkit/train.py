@@ -15,6 +15,7 @@ import hydra
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from toolkit.assets import register_resolver
@@ -100,8 +101,40 @@ def user_error(err: BaseException | None) -> ToolkitError | None:
     return None
 
 
+def one_line(message: str) -> str:
+    """Hydra's multi-line composition error as one line: `header: option, option` parts joined by `; `."""
+    message = message.split("Config search path:")[0].removeprefix("In 'train': ")
+    parts: list[str] = []
+    for line in message.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("\t") and parts:  # an option listed under the previous line
+            sep = " " if parts[-1].endswith(":") else ", "
+            parts[-1] += sep + line.strip()
+        else:
+            part = line.strip().rstrip(".")
+            parts.append(part[:1].lower() + part[1:] if parts else part)
+    return "; ".join(parts)
+
+
+def composition_error(args: list[str]) -> str | None:
+    """Compose the config once up front so that a misspelled group, option or key is one line of error
+    instead of Hydra's multi-line report. Flags (--multirun, --cfg, ...) are left to Hydra itself."""
+    if any(arg.startswith("-") for arg in args):
+        return None
+    try:
+        compose_config(args)
+    except HydraException as err:
+        return one_line(str(err))
+    return None
+
+
 def main() -> None:
     register_resolvers()
+    error = composition_error(sys.argv[1:])
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     _main()
 
 
