@@ -83,7 +83,7 @@ class TaskModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch).loss
         # averaged over ranks: the loss of the global batch, comparable across strategies and world sizes
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0], sync_dist=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["labels"].shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -94,7 +94,7 @@ class TaskModule(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any, stage: str) -> None:
         outputs = self(batch)
-        self.log(f"{stage}/loss", outputs.loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log(f"{stage}/loss", outputs.loss, sync_dist=True, batch_size=batch["labels"].shape[0])
         self.task.update(metrics, self.model, batch, outputs, stage)
 
     def on_validation_epoch_end(self) -> None:
