@@ -97,19 +97,18 @@ def load_folder(directory: Path, class_names: list[str] | None) -> tuple[dict[st
     return splits, names
 
 
-def load_pixel_csv(path: Path, image_size: int, num_channels: int) -> dict[str, Split]:
-    """Rows of pixel values (H*W*C, row-major, channels last) followed by the label."""
+def load_pixel_csv(path: Path) -> dict[str, Split]:
+    """Rows of pixel values (a square image, row-major, channels last: grey or RGB) followed by the label."""
     table = np.loadtxt(path, delimiter=",", dtype=np.float32)
     pixels = table.shape[1] - 1
-    if pixels != image_size * image_size * num_channels:
-        raise ToolkitError(
-            f"'{path}' rows hold {pixels} pixels; data.image_size={image_size} with "
-            f"data.num_channels={num_channels} expects {image_size * image_size * num_channels}"
-        )
-    images = torch.from_numpy(table[:, :-1].astype(np.uint8)).view(-1, image_size, image_size, num_channels)
-    return {
-        "train": (images.permute(0, 3, 1, 2).contiguous(), torch.from_numpy(table[:, -1].astype(np.int64)))
-    }
+    shapes = [(c, round((pixels / c) ** 0.5)) for c in (1, 3)]
+    found = [(c, side) for c, side in shapes if side * side * c == pixels]
+    if not found:
+        raise ToolkitError(f"'{path}' rows hold {pixels} pixels: not a square grey or RGB image")
+    channels, side = found[0]
+    images = torch.from_numpy(table[:, :-1].astype(np.uint8)).view(-1, side, side, channels)
+    labels = torch.from_numpy(table[:, -1].astype(np.int64))
+    return {"train": (images.permute(0, 3, 1, 2).contiguous(), labels)}
 
 
 def load_hf(
@@ -142,8 +141,6 @@ def load_images(
     name: str | None,
     image_column: str,
     label_column: str,
-    image_size: int,
-    num_channels: int,
     class_names: list[str] | None,
 ) -> tuple[dict[str, Split], list[str] | None]:
     """The splits found at `path` ({train[, validation][, test]}) and the class names when known."""
@@ -157,6 +154,6 @@ def load_images(
     ):
         return load_folder(local, class_names)
     if local.is_file() and ".csv" in local.suffixes:
-        return load_pixel_csv(local, image_size, num_channels), class_names
+        return load_pixel_csv(local), class_names
     splits, names = load_hf(path, name, image_column, label_column)
     return splits, class_names or names

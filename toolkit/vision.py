@@ -105,7 +105,9 @@ class ImageClassificationData(L.LightningDataModule):
         self.image_column, self.label_column = image_column, label_column
         self.label_names = list(label_names) if label_names is not None else None
         self.image_size, self.num_channels, self.resize = image_size, num_channels, resize
-        self.normalize, self.mean, self.std = normalize, mean, std
+        self.normalize = normalize
+        self.mean = [float(x) for x in mean] if mean is not None else None
+        self.std = [float(x) for x in std] if std is not None else None
         self.augment = dict(augment or {})
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_size, self.test_size, self.seed = val_size, test_size, seed
@@ -127,8 +129,6 @@ class ImageClassificationData(L.LightningDataModule):
             self.name,
             self.image_column,
             self.label_column,
-            self.image_size,
-            self.num_channels,
             self.label_names,
         )
         self.label_names = self.label_names or (list(names) if names else None)
