@@ -89,6 +89,11 @@ def test_masked_training_masks_only_real_items(interactions):
     assert chosen.any(1).all(), "every window has a masked item"
     assert (batch["input_ids"][chosen] == data.vocab.mask_id).all()
     assert (batch["input_ids"][batch["attention_mask"] == 0] == 0).all()
+    last_only = fixture_data(interactions, objective="masked", mask_prob=1.0, mask_last_prob=1.0)
+    batch = last_only.collate_train(last_only.splits["train"])
+    assert (batch["labels"][:, :-1] == -100).all() and (
+        batch["input_ids"][:, -1] == last_only.vocab.mask_id
+    ).all()
 
 
 def test_training_windows_cover_long_histories_without_gaps():

@@ -142,6 +142,7 @@ class SequentialRecData(L.LightningDataModule):
         max_length: int = 50,
         objective: str = "causal",
         mask_prob: float = 0.2,
+        mask_last_prob: float = 0.1,
         batch_size: int = 64,
         eval_batch_size: int = 256,
         max_users: int | None = None,
@@ -154,7 +155,7 @@ class SequentialRecData(L.LightningDataModule):
         self.path, self.name = path, name
         self.columns = [user_column, item_column, time_column]
         self.min_interactions, self.max_length = min_interactions, max_length
-        self.objective, self.mask_prob = objective, mask_prob
+        self.objective, self.mask_prob, self.mask_last_prob = objective, mask_prob, mask_last_prob
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.max_users, self.seed, self.num_workers = max_users, seed, num_workers
         self.splits: dict[str, list[dict]] | None = None
@@ -226,9 +227,15 @@ class SequentialRecData(L.LightningDataModule):
         return {"input_ids": inputs, "attention_mask": (inputs != PAD).long(), "labels": labels}
 
     def _mask(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask `mask_prob` of the real items (at least one per row, the last if the draw picked none)."""
+        """Mask `mask_prob` of the real items (at least one per row, the last if the draw picked none).
+
+        A `mask_last_prob` share of the rows masks only its last item instead: the test-time query
+        (history + [MASK]), which random masking alone rarely shows the model (BERT4Rec does the same).
+        """
         real = inputs != PAD
         chosen = (torch.rand(inputs.shape) < self.mask_prob) & real
+        last_only = torch.rand(inputs.shape[0]) < self.mask_last_prob
+        chosen[last_only] = False
         chosen[~chosen.any(1), -1] = True
         masked = inputs.masked_fill(chosen, self.vocab.mask_id)
         return masked, labels.masked_fill(~chosen, -100)
