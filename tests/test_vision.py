@@ -219,6 +219,9 @@ def test_seed_mlp_recipe_end_to_end(tmp_path):
         10,
     )
     assert cfg.data.normalize is False and cfg.trainer.gradient_clip_val is None
+    assert not any(cfg.data.augment.values())  # the document trains on plain pixels
+    fashion = compose_config(["recipe=vision/mlp_mnist_seed", "data=fashion_mnist"])
+    assert not any(fashion.data.augment.values()) and fashion.data.batch_size == 64
     assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate"]
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "export" / "model")
     assert isinstance(model, MLPForImageClassification)
