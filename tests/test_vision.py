@@ -235,3 +235,22 @@ def test_hub_vit_recipe_runs_with_a_tiny_checkpoint(tiny_vit_rgb_dir, tmp_path):
     assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate"]
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "export" / "model")
     assert model.config.num_labels == 10 and model.classifier.out_features == 10  # the 3-class head replaced
+
+
+def test_hf_image_dataset_with_class_names(tmp_path):
+    """The `load_dataset` path (hub datasets such as fashion_mnist look the same): image + ClassLabel."""
+    from datasets import ClassLabel, Dataset, Features
+    from datasets import Image as ImageFeature
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)) for _ in range(10)]
+    features = Features({"image": ImageFeature(), "label": ClassLabel(names=["even", "odd"])})
+    path = tmp_path / "digits.parquet"
+    table = Dataset.from_dict({"image": images, "label": [i % 2 for i in range(10)]}, features=features)
+    table.to_parquet(path)
+    data = ImageClassificationData(str(path), val_size=0.2, test_size=0.2)
+    data.setup()
+    assert data.label_names == ["even", "odd"]
+    assert {s: len(d) for s, d in data.splits.items()} == {"train": 6, "validation": 2, "test": 2}
+    original = torch.stack([torch.from_numpy(np.asarray(im))[None] for im in images])
+    assert any(torch.equal(data.splits["test"].images[0], img) for img in original)
