@@ -168,6 +168,8 @@ def test_too_few_interactions_are_errors_with_counts(interactions):
         SequentialRecData(str(interactions), min_interactions=10, **columns).setup()
     with pytest.raises(ToolkitError, match="data.min_interactions=2: leave-last-out needs at least 3"):
         SequentialRecData(str(interactions), min_interactions=2, **columns).setup()
+    with pytest.raises(ToolkitError, match="data.objective 'mlm' unknown; valid: causal, masked"):
+        SequentialRecData(str(interactions), objective="mlm", **columns)
 
 
 TINY_RECSYS = ["data.max_users=40", "data.max_length=12", "data.batch_size=16", "trainer.max_steps=3",

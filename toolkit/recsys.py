@@ -152,6 +152,8 @@ class SequentialRecData(L.LightningDataModule):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ToolkitError(f"data.objective '{objective}' unknown; valid: {', '.join(OBJECTIVES)}")
+        if max_length < 2:
+            raise ToolkitError(f"data.max_length={max_length}: a sequence needs at least 2 positions")
         self.path, self.name = path, name
         self.columns = [user_column, item_column, time_column]
         self.min_interactions, self.max_length = min_interactions, max_length
