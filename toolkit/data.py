@@ -143,6 +143,15 @@ class _HFData(L.LightningDataModule):
             self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
 
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def processor(self) -> PreTrainedTokenizerBase:
+        """What export saves beside the model."""
+        return self.tokenizer
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             splits = load_splits(self.path, self.name, self.val_size, self.test_size, self.seed)

@@ -38,6 +38,7 @@ def build_model(
         )
     if config is not None:
         config = dict(config)
+        model_kwargs.pop("ignore_mismatched_sizes", None)  # a loading option: meaningless for a fresh model
         if "model_type" not in config:
             raise ToolkitError("model.config needs a model_type (e.g. llama, bert, gpt2, vit)")
         hf_config = AutoConfig.for_model(config.pop("model_type"), **config, **model_kwargs)

@@ -99,7 +99,7 @@ class TaskModule(L.LightningModule):
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches), batch_size=1)
             return None  # Lightning then skips backward and the optimizer step, on every rank alike
-        self.log("train/loss", global_loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", global_loss, prog_bar=True, batch_size=batch["labels"].shape[0])
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -110,7 +110,7 @@ class TaskModule(L.LightningModule):
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any, stage: str) -> None:
         outputs = self(batch)
-        self.log(f"{stage}/loss", outputs.loss, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log(f"{stage}/loss", outputs.loss, sync_dist=True, batch_size=batch["labels"].shape[0])
         self.task.update(metrics, self.model, batch, outputs, stage)
 
     def on_validation_epoch_end(self) -> None:

@@ -30,7 +30,7 @@ from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
 from toolkit.manifest import verify_manifest, write_manifest
-from toolkit.models import build_model, load_tokenizer
+from toolkit.models import build_model
 from toolkit.module import TaskModule
 from toolkit.strategies import check_strategy
 from toolkit.trainer import build_trainer
@@ -47,6 +47,8 @@ def build_data_and_task(cfg: DictConfig) -> tuple[Any, Any]:
             f"task.num_labels={task_labels} but data.label_names has {data_labels} labels "
             f"({', '.join(data.label_names)}); make them agree"
         )
+    if hasattr(task, "bind"):  # tasks whose model shape comes from the data (e.g. an item vocabulary)
+        task.bind(data)
     return data, task
 
 
@@ -142,7 +144,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> bool:
     data, task = build_data_and_task(cfg)
     data.setup("fit")
     steps = total_training_steps(cfg.trainer, data.batch_size, len(data.splits["train"]))
-    module = build_module(cfg, task, data.tokenizer.pad_token_id, steps)
+    module = build_module(cfg, task, data.pad_token_id, steps)
     trainer = build_trainer(cfg, run_dir, f"val/{task.primary_metric}", task.mode)
     if trainer.is_global_zero:
         atomic_write_text(run_dir / SPLIT_RECORD, json.dumps(data.split_fingerprints(), indent=2))
@@ -179,10 +181,10 @@ def _print_wandb_sync(trainer: L.Trainer) -> None:
 
 
 def export_stage(cfg: DictConfig, run_dir: Path) -> None:
-    """Checkpoint -> export/adapter (PEFT) and export/model (merged or full model + tokenizer)."""
-    _, task = build_data_and_task(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
-    module = build_module(cfg, task, tokenizer.pad_token_id)
+    """Checkpoint -> export/adapter (PEFT) and export/model (merged or full model + the data's processor:
+    tokenizer, image processor or item vocabulary)."""
+    data, task = build_data_and_task(cfg)
+    module = build_module(cfg, task, data.pad_token_id)
     module.configure_model()
     load_weights(module, find_checkpoint(run_dir))
     model = module.model
@@ -191,7 +193,7 @@ def export_stage(cfg: DictConfig, run_dir: Path) -> None:
             model.save_pretrained(tmp / "adapter")
             model = model.merge_and_unload()
         model.save_pretrained(tmp / "model")
-        tokenizer.save_pretrained(tmp / "model")
+        data.processor.save_pretrained(tmp / "model")
         write_manifest(tmp)
     console.print(f"exported: {run_dir / 'export'}")
 
@@ -222,9 +224,7 @@ def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]
         cfg.seed
     )  # the base model's fresh head gets the same init the training run started from
     variants = {
-        "base": build_model(
-            task.auto_class, **model_kwargs(cfg, data.tokenizer.pad_token_id), **task.model_kwargs()
-        )
+        "base": build_model(task.auto_class, **model_kwargs(cfg, data.pad_token_id), **task.model_kwargs())
     }
     exported = run_dir / "export" / "model"
     if exported.exists():
@@ -235,9 +235,11 @@ def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]
         results[name] = evaluate_model(model, task, loader)
         results[name]["size_bytes"] = model_size_bytes(model)
         results[name].update(latency_ms(model, first_batch))
-    results["majority"] = task.majority(data.splits["test"])
+    results.update(task.baselines(data))
     with atomic_dir(run_dir / "evaluate") as tmp:
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
+        if hasattr(task, "save_figures"):  # e.g. the confusion matrix of image classification
+            task.save_figures(variants, loader, tmp)
     print_metrics(results)
     console.print(f"metrics: {run_dir / 'evaluate' / 'metrics.json'}")
     return results

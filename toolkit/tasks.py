@@ -73,6 +73,9 @@ class SequenceClassification:
         counts = torch.bincount(torch.tensor(dataset["labels"]), minlength=self.num_labels)
         return {"accuracy": float(counts.max() / counts.sum())}
 
+    def baselines(self, data: Any) -> dict[str, dict[str, float]]:
+        return {"majority": self.majority(data.splits["test"])}
+
 
 class CausalLM:
     """Causal LM / SFT: perplexity on the labelled tokens and, for labelled prompts, generated-label accuracy.
@@ -141,3 +144,6 @@ class CausalLM:
         answer_index = dataset["answer_index"]
         counts = torch.bincount(torch.tensor([a for a in answer_index if a >= 0]))
         return {"gen_accuracy": float(counts.max() / len(answer_index))} if len(counts) else {}
+
+    def baselines(self, data: Any) -> dict[str, dict[str, float]]:
+        return {"majority": self.majority(data.splits["test"])}
