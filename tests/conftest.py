@@ -137,7 +137,13 @@ def classifier_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
     """One tiny classification run (pretrained tiny base + LoRA) through train, export and evaluate."""
     run_dir = tmp_path_factory.mktemp("classifier_run")
     cfg = compose_config(
-        [*TINY_CLASSIFIER, f"model.name_or_path={tiny_bert_dir}", "model.config=null", "logger=csv"]
+        [
+            *TINY_CLASSIFIER,
+            f"model.name_or_path={tiny_bert_dir}",
+            "model.config=null",
+            "logger=csv",
+            "stages=[train,export,evaluate]",  # later stages are tested on copies of this run
+        ]
     )
     assert run_pipeline(cfg, run_dir) == ["train", "export", "evaluate"]
     return cfg, run_dir
@@ -147,6 +153,13 @@ def classifier_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path
 def sft_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> tuple[DictConfig, Path]:
     """One tiny chat-SFT run (pretrained tiny causal LM + LoRA) through train, export and evaluate."""
     run_dir = tmp_path_factory.mktemp("sft_run")
-    cfg = compose_config([*TINY_SFT, f"model.name_or_path={tiny_llama_dir}", "model.config=null"])
+    cfg = compose_config(
+        [
+            *TINY_SFT,
+            f"model.name_or_path={tiny_llama_dir}",
+            "model.config=null",
+            "stages=[train,export,evaluate]",
+        ]
+    )
     assert run_pipeline(cfg, run_dir) == ["train", "export", "evaluate"]
     return cfg, run_dir

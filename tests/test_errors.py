@@ -79,7 +79,7 @@ CASES = {
     ),
     "unknown stage": (
         ["recipe=quickstart", *TINY, "stages=[train,deploy]"],
-        ["['deploy']", "train, export, evaluate"],
+        ["['deploy']", "train, export, prune, distill, quantize, evaluate, report"],
     ),
     "missing data file": (
         ["recipe=quickstart", *TINY, "data.path=./no/such.csv"],

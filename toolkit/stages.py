@@ -1,4 +1,5 @@
-"""The pipeline: train -> export -> evaluate; each stage reads the previous one's artifact from the run dir.
+"""The pipeline: train -> export -> [prune] -> [distill] -> quantize -> evaluate -> report; each stage reads
+the previous one's artifact from the run dir.
 
 Stages always run in this order; a stage that `stages` does not list is skipped, so any stage can be rerun
 alone on an earlier run (`stages=[evaluate] from_run=<dir>`).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,18 @@ from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
 from toolkit.models import build_model
 from toolkit.module import TaskModule
+from toolkit.quantize import WEIGHT_FILES, check_device, model_card, quantize_model, weights_size_bytes
 from toolkit.strategies import check_strategy
 from toolkit.trainer import build_trainer
 
-STAGE_ORDER = ("train", "export", "evaluate")
+STAGE_ORDER = ("train", "export", "prune", "distill", "quantize", "evaluate", "report")
+# Saved model variants of a run, in pipeline order: variant name in evaluate/metrics.json -> folder.
+VARIANT_DIRS = {
+    "fine_tuned": "export/model",
+    "pruned": "prune/model",
+    "distilled": "distill/model",
+    "quantized": "quantize/model",
+}
 SPLIT_RECORD = "data_split.json"
 
 
@@ -177,19 +187,17 @@ def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]
     L.seed_everything(
         cfg.seed
     )  # the base model's fresh head gets the same init the training run started from
-    variants = {
-        "base": build_model(
-            task.auto_class, **model_kwargs(cfg, data.tokenizer.pad_token_id), **task.model_kwargs()
-        )
-    }
-    exported = run_dir / "export" / "model"
-    if exported.exists():
-        variants["fine_tuned"] = task.auto_class.from_pretrained(exported)
-    results = {}
-    for name, model in variants.items():
-        results[name] = evaluate_model(model, task, loader)
-        results[name]["size_bytes"] = model_size_bytes(model)
+    base = build_model(
+        task.auto_class, **model_kwargs(cfg, data.tokenizer.pad_token_id), **task.model_kwargs()
+    )
+    results = {"base": {**evaluate_model(base, task, loader), "size_bytes": model_size_bytes(base)}}
+    results["base"].update(latency_ms(base, first_batch))
+    del base
+    for name, folder in saved_variants(run_dir).items():
+        model = task.auto_class.from_pretrained(folder)  # one at a time: peak memory of one extra model
+        results[name] = {**evaluate_model(model, task, loader), "size_bytes": weights_size_bytes(folder)}
         results[name].update(latency_ms(model, first_batch))
+        del model
     results["majority"] = task.majority(data.splits["test"])
     with atomic_dir(run_dir / "evaluate") as tmp:
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
@@ -198,7 +206,97 @@ def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]
     return results
 
 
-STAGES = {"train": train_stage, "export": export_stage, "evaluate": evaluate_stage}
+def saved_variants(run_dir: Path) -> dict[str, Path]:
+    """The saved model variants present in the run directory, in pipeline order."""
+    folders = {name: run_dir / folder for name, folder in VARIANT_DIRS.items()}
+    return {name: folder for name, folder in folders.items() if (folder / "config.json").exists()}
+
+
+def compression_source(run_dir: Path) -> tuple[str, Path]:
+    """The model the next compression step starts from: the last saved variant before quantization."""
+    variants = {k: v for k, v in saved_variants(run_dir).items() if k != "quantized"}
+    if not variants:
+        raise ToolkitError(
+            f"no exported model in {run_dir / 'export' / 'model'}; run the export stage first "
+            "(stages=[export,...] on a run with checkpoints)"
+        )
+    return list(variants.items())[-1]
+
+
+def quantize_stage(cfg: DictConfig, run_dir: Path) -> None:
+    """The last saved variant -> quantize/model (HF-loadable), refused when the validation metric drops
+    more than quantize.max_metric_drop."""
+    q = cfg.quantize
+    if q.quantization_config is None:
+        console.print("quantize=none: nothing to quantize")
+        return
+    device = check_device(q.name, list(q.devices), q.get("reason", "its kernels"))
+    source_name, source = compression_source(run_dir)
+    data, task = build_data_and_task(cfg)
+    build_config = instantiate(q.quantization_config)
+    quantized = quantize_model(source, task.auto_class, build_config, q.include_embeddings, device)
+    gate = None
+    if q.max_metric_drop is not None:
+        data.setup("validate")
+        before = task.auto_class.from_pretrained(source)
+        gate = metric_gate(before, quantized, task, data.val_dataloader(), q.max_metric_drop, source_name)
+        del before
+    with atomic_dir(run_dir / "quantize") as tmp:
+        quantized.save_pretrained(tmp / "model")
+        copy_preprocessing_files(source, tmp / "model")
+        config = quantized.config.quantization_config
+        card = model_card(
+            source=source,
+            config_name=q.name,
+            config=config,
+            auto_class=task.auto_class,
+            target=run_dir / "quantize" / "model",
+            gate=gate,
+        )
+        (tmp / "model" / "README.md").write_text(card)
+        (tmp / "gate.json").write_text(json.dumps(gate, indent=2))
+    size = weights_size_bytes(run_dir / "quantize" / "model") / weights_size_bytes(source)
+    console.print(
+        f"quantized ({q.name}): {run_dir / 'quantize' / 'model'} ({size:.2f}x the size of {source_name})"
+    )
+
+
+def metric_gate(
+    before: Any, after: Any, task: Any, loader: Any, max_drop: float, before_name: str
+) -> dict[str, Any]:
+    """Validation primary metric before and after compression; a ToolkitError when it drops too far.
+
+    The drop is in the metric's own fraction (0.01 = 1 point of accuracy) where higher is better, and
+    relative where lower is better (perplexity: 0.01 = 1% higher).
+    """
+    metric = task.primary_metric
+    old = evaluate_model(before, task, loader, stage="val")[metric]
+    new = evaluate_model(after, task, loader, stage="val")[metric]
+    drop = old - new if task.mode == "max" else (new - old) / old
+    gate = {"metric": metric, "source": old, "quantized": new, "drop": drop, "max_metric_drop": max_drop}
+    if drop > max_drop:
+        raise ToolkitError(
+            f"quantize gate: validation {metric} {new:.4f} quantized vs {old:.4f} {before_name} "
+            f"(drop {drop:.4f} > quantize.max_metric_drop={max_drop}); quantize/model not written, "
+            f"the {before_name} model is kept"
+        )
+    return gate
+
+
+def copy_preprocessing_files(source: Path, target: Path) -> None:
+    """Tokenizer/processor files of `source` beside the quantized weights: a self-contained folder."""
+    for file in source.iterdir():
+        weights = file.name.endswith((*WEIGHT_FILES, ".index.json"))
+        if file.is_file() and not weights and not (target / file.name).exists() and file.name != "README.md":
+            shutil.copy2(file, target / file.name)
+
+
+STAGES = {
+    "train": train_stage,
+    "export": export_stage,
+    "quantize": quantize_stage,
+    "evaluate": evaluate_stage,
+}
 
 
 def ordered_stages(stages: list[str]) -> list[str]:
@@ -208,9 +306,10 @@ def ordered_stages(stages: list[str]) -> list[str]:
     return [s for s in STAGE_ORDER if s in stages]
 
 
-def run_pipeline(cfg: DictConfig, run_dir: Path) -> list[str]:
-    """Run the listed stages in order; returns the stages that completed on this process."""
-    done = []
+def run_pipeline(cfg: DictConfig, run_dir: Path, done: list[str] | None = None) -> list[str]:
+    """Run the listed stages in order; returns the stages that completed on this process (also appended
+    to `done` as they complete, so a caller knows what finished when a later stage fails)."""
+    done = [] if done is None else done
     for stage in ordered_stages(list(cfg.stages)):
         if stage == "train":
             if not train_stage(cfg, run_dir):
