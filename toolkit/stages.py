@@ -33,6 +33,7 @@ from toolkit.evaluate import evaluate_model, latency_ms, model_size_bytes, print
 from toolkit.models import build_model
 from toolkit.module import TaskModule
 from toolkit.quantize import WEIGHT_FILES, check_device, model_card, quantize_model, weights_size_bytes
+from toolkit.report import metrics_of, write_report
 from toolkit.strategies import check_strategy
 from toolkit.trainer import build_trainer
 
@@ -291,11 +292,22 @@ def copy_preprocessing_files(source: Path, target: Path) -> None:
             shutil.copy2(file, target / file.name)
 
 
+def report_stage(cfg: DictConfig, run_dir: Path) -> None:
+    """report.md (what ran, training curve, evaluation table, artifacts); ends by printing the table."""
+    _, task = build_data_and_task(cfg)
+    report = write_report(cfg, run_dir, task.primary_metric, task.auto_class.__name__)
+    metrics = metrics_of(run_dir)
+    if metrics:
+        print_metrics(metrics, title=f"{run_dir} (test split)")
+    console.print(f"report: {report}")
+
+
 STAGES = {
     "train": train_stage,
     "export": export_stage,
     "quantize": quantize_stage,
     "evaluate": evaluate_stage,
+    "report": report_stage,
 }
 
 
