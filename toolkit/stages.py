@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,12 @@ from toolkit.checkpoint import (
     load_weights,
 )
 from toolkit.console import console
+from toolkit.distill import DistillModule, build_student
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
 from toolkit.models import build_model
 from toolkit.module import TaskModule
+from toolkit.prune import prune_model
 from toolkit.quantize import WEIGHT_FILES, check_device, model_card, quantize_model, weights_size_bytes
 from toolkit.report import metrics_of, write_report
 from toolkit.strategies import check_strategy
@@ -213,15 +216,70 @@ def saved_variants(run_dir: Path) -> dict[str, Path]:
     return {name: folder for name, folder in folders.items() if (folder / "config.json").exists()}
 
 
-def compression_source(run_dir: Path) -> tuple[str, Path]:
-    """The model the next compression step starts from: the last saved variant before quantization."""
-    variants = {k: v for k, v in saved_variants(run_dir).items() if k != "quantized"}
+def compression_source(run_dir: Path, produces: str) -> tuple[str, Path]:
+    """(variant, folder) the compression step that `produces` a variant starts from: the last saved variant
+    before it in pipeline order (quantize takes the distilled model, else the pruned, else the export)."""
+    earlier = list(VARIANT_DIRS)[: list(VARIANT_DIRS).index(produces)]
+    variants = {k: v for k, v in saved_variants(run_dir).items() if k in earlier}
     if not variants:
         raise ToolkitError(
             f"no exported model in {run_dir / 'export' / 'model'}; run the export stage first "
             "(stages=[export,...] on a run with checkpoints)"
         )
     return list(variants.items())[-1]
+
+
+def prune_stage(cfg: DictConfig, run_dir: Path) -> None:
+    """export/model -> prune/model: magnitude pruning of the linear layers (see `prune` in train.yaml)."""
+    _, task = build_data_and_task(cfg)
+    source_name, source = compression_source(run_dir, "pruned")
+    model = task.auto_class.from_pretrained(source)
+    stats = prune_model(model, cfg.prune.amount, cfg.prune.structured)
+    with atomic_dir(run_dir / "prune") as tmp:
+        model.save_pretrained(tmp / "model")
+        copy_preprocessing_files(source, tmp / "model")
+        (tmp / "summary.json").write_text(json.dumps({**stats, "source": str(source)}, indent=2))
+    console.print(
+        f"pruned the {source_name} model: {stats['sparsity']:.1%} of {stats['layers']} linear layers' "
+        f"weights are zero (stored dense: same size on disk): {run_dir / 'prune' / 'model'}"
+    )
+
+
+def distill_stage(cfg: DictConfig, run_dir: Path) -> None:
+    """The fine-tuned (or pruned) teacher -> distill/model: a smaller student trained on its logits."""
+    d = cfg.distill
+    # one process, no experiment logger: a student run inside the parent run, not a run of its own
+    cfg = OmegaConf.merge(
+        cfg, {"logger": None, "trainer": {"devices": 1, "num_nodes": 1}, "optim": {"lr": d.lr}}
+    )
+    cfg.strategy = OmegaConf.create({"name": "auto"})
+    data, task = build_data_and_task(cfg)
+    data.setup("fit")
+    teacher_name, teacher_dir = compression_source(run_dir, "distilled")
+    L.seed_everything(cfg.seed)
+    student = build_student(teacher_dir, task.auto_class, OmegaConf.to_container(d.student, resolve=True))
+    module = DistillModule(
+        task,
+        task.auto_class.from_pretrained(teacher_dir),
+        temperature=d.temperature,
+        alpha=d.alpha,
+        optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        total_steps=total_training_steps(cfg.trainer, data.batch_size, len(data.splits["train"])),
+        prebuilt=student,
+    )
+    with tempfile.TemporaryDirectory(prefix=".distill-work-", dir=run_dir) as work:
+        trainer = build_trainer(cfg, Path(work), f"val/{task.primary_metric}", task.mode)
+        trainer.fit(module, datamodule=data)
+    with atomic_dir(run_dir / "distill") as tmp:
+        module.model.save_pretrained(tmp / "model")
+        copy_preprocessing_files(teacher_dir, tmp / "model")
+    student_params = sum(p.numel() for p in module.model.parameters())
+    teacher_params = sum(p.numel() for p in module._teacher[0].parameters())
+    console.print(
+        f"distilled the {teacher_name} model ({teacher_params:,} parameters) into a student of "
+        f"{student_params:,}: {run_dir / 'distill' / 'model'}"
+    )
 
 
 def quantize_stage(cfg: DictConfig, run_dir: Path) -> None:
@@ -232,7 +290,7 @@ def quantize_stage(cfg: DictConfig, run_dir: Path) -> None:
         console.print("quantize=none: nothing to quantize")
         return
     device = check_device(q.name, list(q.devices), q.get("reason", "its kernels"))
-    source_name, source = compression_source(run_dir)
+    source_name, source = compression_source(run_dir, "quantized")
     data, task = build_data_and_task(cfg)
     build_config = instantiate(q.quantization_config)
     quantized = quantize_model(source, task.auto_class, build_config, q.include_embeddings, device)
@@ -305,6 +363,8 @@ def report_stage(cfg: DictConfig, run_dir: Path) -> None:
 STAGES = {
     "train": train_stage,
     "export": export_stage,
+    "prune": prune_stage,
+    "distill": distill_stage,
     "quantize": quantize_stage,
     "evaluate": evaluate_stage,
     "report": report_stage,
