@@ -23,8 +23,9 @@ from hydra.utils import instantiate
 
 from benchmarks import harness
 from toolkit.evaluate import evaluate_model, latency_ms
+from toolkit.models import build_model
 from toolkit.quantize import quantize_model, weights_size_bytes
-from toolkit.stages import build_data_and_task
+from toolkit.stages import build_data_and_task, model_kwargs
 from toolkit.train import compose_config
 
 CONFIGS = ("int8_weight_only", "int8_dynamic")
@@ -39,15 +40,26 @@ TINY_LLAMA = (
 )
 MODELS = {
     # name: (overrides for the real run, extra overrides for --tiny, metric the drop is measured on)
-    "minilm": (["recipe=quickstart"], [TINY_BERT, "trainer.max_steps=4"], "accuracy"),
+    "minilm": (["recipe=quickstart"], [TINY_BERT], "accuracy"),
     "smollm2": (
         ["recipe=nlp/smollm2_lora_sft", "trainer.max_steps=12", "trainer.val_check_interval=12"],
-        [TINY_LLAMA, "trainer.max_steps=2", "trainer.val_check_interval=2", "task.max_new_tokens=3"],
+        [TINY_LLAMA, "task.max_new_tokens=3", "data.max_length=48"],
         "gen_accuracy",
     ),
 }
 EVAL = {"minilm": ["data.max_eval_examples=500"], "smollm2": ["data.max_eval_examples=100"]}
-TINY_DATA = ["data.max_train_examples=32", "data.max_eval_examples=16"]
+TINY_DATA = ["data.max_train_examples=16", "data.max_eval_examples=4"]
+
+
+def tiny_export(cfg, work: Path) -> Path:
+    """--tiny: the tiny model saved untrained, as an export would be (checks the harness, not accuracy)."""
+    data, task = build_data_and_task(cfg)
+    model = build_model(
+        task.auto_class, **model_kwargs(cfg, data.tokenizer.pad_token_id), **task.model_kwargs()
+    )
+    model.save_pretrained(work / "export")
+    data.tokenizer.save_pretrained(work / "export")
+    return work / "export"
 
 
 def train_and_export(overrides: list[str], work: Path) -> Path:
@@ -64,27 +76,28 @@ def train_and_export(overrides: list[str], work: Path) -> Path:
     return run_dir / "export" / "model"
 
 
-def measure(model, task, loader, batch, compile_model: bool) -> dict[str, float]:
+def measure(model, task, loader, batch, compile_model: bool, repeats: int) -> dict[str, float]:
     timed = torch.compile(model) if compile_model else model
-    return {**evaluate_model(model, task, loader), **latency_ms(timed, batch, repeats=10)}
+    return {**evaluate_model(model, task, loader), **latency_ms(timed, batch, repeats=repeats)}
 
 
 def bench_model(name: str, tiny: bool, work: Path) -> list[dict]:
     overrides, tiny_overrides, metric = MODELS[name]
     overrides = [*overrides, *(tiny_overrides + TINY_DATA if tiny else EVAL[name])]
-    export = train_and_export(overrides, work / name)
     cfg = compose_config(overrides)
+    export = tiny_export(cfg, work / name) if tiny else train_and_export(overrides, work / name)
     data, task = build_data_and_task(cfg)
     data.setup("test")
     loader = data.test_dataloader()
     batch = next(iter(loader))
     fp32 = task.auto_class.from_pretrained(export).eval()
+    repeats = 2 if tiny else 10
     rows = [
         {
             "model": name,
             "config": "fp32",
             "size_bytes": weights_size_bytes(export),
-            **measure(fp32, task, loader, batch, False),
+            **measure(fp32, task, loader, batch, False, repeats),
         }
     ]
     variants = [(c, True, False) for c in CONFIGS] + [("int8_dynamic", False, False)]
@@ -101,11 +114,13 @@ def bench_model(name: str, tiny: bool, work: Path) -> list[dict]:
                 "model": name,
                 "config": label,
                 "size_bytes": weights_size_bytes(out),
-                **measure(model, task, loader, batch, compiled),
+                **measure(model, task, loader, batch, compiled, repeats),
             }
         )
     if not tiny:
-        rows.append({**rows[0], "config": "fp32 +compile", **measure(fp32, task, loader, batch, True)})
+        rows.append(
+            {**rows[0], "config": "fp32 +compile", **measure(fp32, task, loader, batch, True, repeats)}
+        )
     return [_relative(row, rows[0], metric) for row in rows]
 
 
