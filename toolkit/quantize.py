@@ -159,6 +159,8 @@ def model_card(
         "```",
         "",
         "Loading needs the quantization library installed (the config travels in config.json).",
+        "On CPU, torchao's int8 layers are not faster than fp32 in eager mode; run the model under",
+        "`torch.compile(model)` for lower latency (compiled once per input shape).",
         "",
     ]
     return "\n".join(lines)
