@@ -81,11 +81,13 @@ def measure(model, task, loader, batch, compile_model: bool, repeats: int) -> di
     return {**evaluate_model(model, task, loader), **latency_ms(timed, batch, repeats=repeats)}
 
 
-def bench_model(name: str, tiny: bool, work: Path) -> list[dict]:
+def bench_model(name: str, tiny: bool, work: Path, export: Path | None = None) -> list[dict]:
+    """Rows for one model: fp32 and each config; `export` reuses a saved model instead of training one."""
     overrides, tiny_overrides, metric = MODELS[name]
     overrides = [*overrides, *(tiny_overrides + TINY_DATA if tiny else EVAL[name])]
     cfg = compose_config(overrides)
-    export = tiny_export(cfg, work / name) if tiny else train_and_export(overrides, work / name)
+    if export is None:
+        export = tiny_export(cfg, work / name) if tiny else train_and_export(overrides, work / name)
     data, task = build_data_and_task(cfg)
     data.setup("test")
     loader = data.test_dataloader()
@@ -140,6 +142,11 @@ def main(tiny: bool = False) -> harness.Result:
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp:
         for name in MODELS:
             rows += bench_model(name, tiny, Path(tmp))
+    return result(rows, tiny)
+
+
+def result(rows: list[dict], tiny: bool, extra_notes: str = "") -> harness.Result:
+    """The harness result for benchmark rows: the table and the quantize.<model>.<config>.* figures."""
     columns = ["model", "config", "size_bytes", "size_over_fp32", "latency_ms", "latency_over_fp32"]
     columns += ["latency_ms_single", "single_over_fp32", "metric", "metric_drop", "accuracy", "gen_accuracy"]
     columns += ["perplexity"]
@@ -156,7 +163,8 @@ def main(tiny: bool = False) -> harness.Result:
     notes = (
         "Goals (int8): size <= 0.30x fp32 with embeddings, batch latency <= 0.6x fp32, metric drop <= 0.5 "
         "point. metric_drop is in points of `metric` (accuracy for MiniLM, generated-label accuracy for "
-        f"SmolLM2). Threads: {torch.get_num_threads()}. The machine is shared: latencies are noisy."
+        f"SmolLM2). Threads: {torch.get_num_threads()}. The machine is shared: latencies are noisy. "
+        + extra_notes
     )
     return harness.Result(
         title="Post-training quantization on CPU (torchao)" + (" [tiny]" if tiny else ""),
