@@ -81,7 +81,9 @@ def measure(model, task, loader, batch, compile_model: bool, repeats: int) -> di
     return {**evaluate_model(model, task, loader), **latency_ms(timed, batch, repeats=repeats)}
 
 
-def bench_model(name: str, tiny: bool, work: Path, export: Path | None = None) -> list[dict]:
+def bench_model(
+    name: str, tiny: bool, work: Path, export: Path | None = None, compiled_rows: bool = True
+) -> list[dict]:
     """Rows for one model: fp32 and each config; `export` reuses a saved model instead of training one."""
     overrides, tiny_overrides, metric = MODELS[name]
     overrides = [*overrides, *(tiny_overrides + TINY_DATA if tiny else EVAL[name])]
@@ -103,7 +105,7 @@ def bench_model(name: str, tiny: bool, work: Path, export: Path | None = None) -
         }
     ]
     variants = [(c, True, False) for c in CONFIGS] + [("int8_dynamic", False, False)]
-    if not tiny:
+    if compiled_rows and not tiny:
         variants.append(("int8_dynamic", True, True))
     for config, embeddings, compiled in variants:
         q = compose_config([*overrides, f"quantize={config}"]).quantize
@@ -119,7 +121,7 @@ def bench_model(name: str, tiny: bool, work: Path, export: Path | None = None) -
                 **measure(model, task, loader, batch, compiled, repeats),
             }
         )
-    if not tiny:
+    if compiled_rows and not tiny:
         rows.append(
             {**rows[0], "config": "fp32 +compile", **measure(fp32, task, loader, batch, True, repeats)}
         )
