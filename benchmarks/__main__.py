@@ -4,9 +4,10 @@ import argparse
 from pathlib import Path
 
 from benchmarks import harness, strategies
+from benchmarks import quantize as quantize_benchmark
 
 # Each entry is a module with `main(tiny: bool) -> harness.Result`; add new benchmarks here.
-BENCHMARKS = {"strategies": strategies}
+BENCHMARKS = {"strategies": strategies, "quantize": quantize_benchmark}
 
 
 def main() -> None:

@@ -120,7 +120,7 @@ def test_rerun_evaluate_on_an_earlier_run_and_refuse_another_test_split(tmp_path
     again = toolkit_train(["recipe=quickstart", "stages=[evaluate]", f"from_run={run_dir}"], tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert metrics.stat().st_mtime_ns > before
-    assert json.loads(metrics.read_text()).keys() == {"base", "fine_tuned", "majority"}
+    assert json.loads(metrics.read_text()).keys() == {"base", "fine_tuned", "quantized", "majority"}
     other = toolkit_train(
         ["recipe=quickstart", "stages=[evaluate]", f"from_run={run_dir}", "data.seed=7"], tmp_path
     )

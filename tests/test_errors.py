@@ -82,7 +82,8 @@ CATALOGUE = {
     "unknown stage": Case(
         "config",
         ["recipe=quickstart", *TINY, "stages=[train,deploy]"],
-        "stages ['deploy'] unknown; valid stages, in run order: train, export, evaluate",
+        "stages ['deploy'] unknown; valid stages, in run order: train, export, prune, distill, quantize, "
+        "evaluate, report",
     ),
     "from_run not a run directory": Case(
         "config",

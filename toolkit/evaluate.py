@@ -14,12 +14,14 @@ from toolkit.tasks import compute_metrics, model_inputs
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, task: Any, loader: Any) -> dict[str, float]:
-    """The task's test metrics of `model` over `loader`, as plain floats."""
+def evaluate_model(model: torch.nn.Module, task: Any, loader: Any, stage: str = "test") -> dict[str, float]:
+    """The task's metrics of `model` over `loader` (`stage` "val" skips test-only metrics), as floats."""
     model.eval()
-    metrics = task.metrics()
+    device = next(model.parameters()).device  # a GPU-only quantized model evaluates where it lives
+    metrics = task.metrics().to(device)
     for batch in loader:
-        task.update(metrics, model, batch, model(**model_inputs(batch)), "test")
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        task.update(metrics, model, batch, model(**model_inputs(batch)), stage)
     return {name: float(value) for name, value in compute_metrics(metrics).items()}
 
 
@@ -37,7 +39,8 @@ def model_size_bytes(model: torch.nn.Module) -> int:
 def latency_ms(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: int = 5) -> dict[str, float]:
     """Median forward time for the batch and for its first example alone, after one warm-up each."""
     model.eval()
-    inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k != "labels"}
     single = {k: v[:1] for k, v in inputs.items()}
     out = {}
     for key, feed in (("latency_ms", inputs), ("latency_ms_single", single)):

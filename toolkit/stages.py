@@ -1,4 +1,5 @@
-"""The pipeline: train -> export -> evaluate; each stage reads the previous one's artifact from the run dir.
+"""The pipeline: train -> export -> [prune] -> [distill] -> quantize -> evaluate -> report; each stage reads
+the previous one's artifact from the run dir.
 
 Stages always run in this order; a stage that `stages` does not list is skipped, so any stage can be rerun
 alone on an earlier run (`stages=[evaluate] from_run=<dir>`).
@@ -9,6 +10,8 @@ from __future__ import annotations
 import errno
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +30,26 @@ from toolkit.checkpoint import (
     load_weights,
 )
 from toolkit.console import console
+from toolkit.distill import DistillModule, build_student
 from toolkit.errors import ToolkitError
 from toolkit.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
 from toolkit.manifest import verify_manifest, write_manifest
 from toolkit.models import build_model
 from toolkit.module import TaskModule
+from toolkit.prune import prune_model
+from toolkit.quantize import WEIGHT_FILES, check_device, model_card, quantize_model, weights_size_bytes
+from toolkit.report import metrics_of, write_report
 from toolkit.strategies import check_strategy
 from toolkit.trainer import build_trainer
 
-STAGE_ORDER = ("train", "export", "evaluate")
+STAGE_ORDER = ("train", "export", "prune", "distill", "quantize", "evaluate", "report")
+# Saved model variants of a run, in pipeline order: variant name in evaluate/metrics.json -> folder.
+VARIANT_DIRS = {
+    "fine_tuned": "export/model",
+    "pruned": "prune/model",
+    "distilled": "distill/model",
+    "quantized": "quantize/model",
+}
 SPLIT_RECORD = "data_split.json"
 
 
@@ -223,29 +237,190 @@ def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]
     L.seed_everything(
         cfg.seed
     )  # the base model's fresh head gets the same init the training run started from
-    variants = {
-        "base": build_model(task.auto_class, **model_kwargs(cfg, data.pad_token_id), **task.model_kwargs())
-    }
-    exported = run_dir / "export" / "model"
-    if exported.exists():
-        verify_manifest(exported.parent)
-        variants["fine_tuned"] = task.auto_class.from_pretrained(exported)
-    results = {}
-    for name, model in variants.items():
-        results[name] = evaluate_model(model, task, loader)
-        results[name]["size_bytes"] = model_size_bytes(model)
+    base = build_model(task.auto_class, **model_kwargs(cfg, data.pad_token_id), **task.model_kwargs())
+    results = {"base": {**evaluate_model(base, task, loader), "size_bytes": model_size_bytes(base)}}
+    results["base"].update(latency_ms(base, first_batch))
+    figures_of = {"base": base}  # the model a task's figures show: the fine-tuned one when there is one
+    for name, folder in saved_variants(run_dir).items():
+        verify_manifest(folder.parent)  # a truncated or altered weight file is named, not loaded
+        model = task.auto_class.from_pretrained(folder)  # one at a time: peak memory of one extra model
+        results[name] = {**evaluate_model(model, task, loader), "size_bytes": weights_size_bytes(folder)}
         results[name].update(latency_ms(model, first_batch))
+        if name == "fine_tuned":
+            figures_of = {"fine_tuned": model}
+        del model
     results.update(task.baselines(data))
     with atomic_dir(run_dir / "evaluate") as tmp:
         (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
         if hasattr(task, "save_figures"):  # e.g. the confusion matrix of image classification
-            task.save_figures(variants, loader, tmp)
+            task.save_figures(figures_of, loader, tmp)
     print_metrics(results)
     console.print(f"metrics: {run_dir / 'evaluate' / 'metrics.json'}")
     return results
 
 
-STAGES = {"train": train_stage, "export": export_stage, "evaluate": evaluate_stage}
+def saved_variants(run_dir: Path) -> dict[str, Path]:
+    """The saved model variants present in the run directory, in pipeline order."""
+    folders = {name: run_dir / folder for name, folder in VARIANT_DIRS.items()}
+    return {name: folder for name, folder in folders.items() if (folder / "config.json").exists()}
+
+
+def compression_source(run_dir: Path, produces: str) -> tuple[str, Path]:
+    """(variant, folder) the compression step that `produces` a variant starts from: the last saved variant
+    before it in pipeline order (quantize takes the distilled model, else the pruned, else the export)."""
+    earlier = list(VARIANT_DIRS)[: list(VARIANT_DIRS).index(produces)]
+    variants = {k: v for k, v in saved_variants(run_dir).items() if k in earlier}
+    if not variants:
+        raise ToolkitError(
+            f"no exported model in {run_dir / 'export' / 'model'}; run the export stage first "
+            "(stages=[export,...] on a run with checkpoints)"
+        )
+    return list(variants.items())[-1]
+
+
+def prune_stage(cfg: DictConfig, run_dir: Path) -> None:
+    """export/model -> prune/model: magnitude pruning of the linear layers (see `prune` in train.yaml)."""
+    _, task = build_data_and_task(cfg)
+    source_name, source = compression_source(run_dir, "pruned")
+    model = task.auto_class.from_pretrained(source)
+    stats = prune_model(model, cfg.prune.amount, cfg.prune.structured)
+    with atomic_dir(run_dir / "prune") as tmp:
+        model.save_pretrained(tmp / "model")
+        copy_preprocessing_files(source, tmp / "model")
+        (tmp / "summary.json").write_text(json.dumps({**stats, "source": str(source)}, indent=2))
+        write_manifest(tmp)
+    console.print(
+        f"pruned the {source_name} model: {stats['sparsity']:.1%} of {stats['layers']} linear layers' "
+        f"weights are zero (stored dense: same size on disk): {run_dir / 'prune' / 'model'}"
+    )
+
+
+def distill_stage(cfg: DictConfig, run_dir: Path) -> None:
+    """The fine-tuned (or pruned) teacher -> distill/model: a smaller student trained on its logits."""
+    d = cfg.distill
+    # one process, no experiment logger: a student run inside the parent run, not a run of its own
+    cfg = OmegaConf.merge(
+        cfg, {"logger": None, "trainer": {"devices": 1, "num_nodes": 1}, "optim": {"lr": d.lr}}
+    )
+    cfg.strategy = OmegaConf.create({"name": "auto"})
+    data, task = build_data_and_task(cfg)
+    data.setup("fit")
+    teacher_name, teacher_dir = compression_source(run_dir, "distilled")
+    L.seed_everything(cfg.seed)
+    student = build_student(teacher_dir, task.auto_class, OmegaConf.to_container(d.student, resolve=True))
+    module = DistillModule(
+        task,
+        task.auto_class.from_pretrained(teacher_dir),
+        temperature=d.temperature,
+        alpha=d.alpha,
+        optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        total_steps=total_training_steps(cfg.trainer, data.batch_size, len(data.splits["train"])),
+        prebuilt=student,
+    )
+    with tempfile.TemporaryDirectory(prefix=".distill-work-", dir=run_dir) as work:
+        trainer = build_trainer(cfg, Path(work), f"val/{task.primary_metric}", task.mode)
+        trainer.fit(module, datamodule=data)
+    with atomic_dir(run_dir / "distill") as tmp:
+        module.model.save_pretrained(tmp / "model")
+        copy_preprocessing_files(teacher_dir, tmp / "model")
+        write_manifest(tmp)
+    student_params = sum(p.numel() for p in module.model.parameters())
+    teacher_params = sum(p.numel() for p in module._teacher[0].parameters())
+    console.print(
+        f"distilled the {teacher_name} model ({teacher_params:,} parameters) into a student of "
+        f"{student_params:,}: {run_dir / 'distill' / 'model'}"
+    )
+
+
+def quantize_stage(cfg: DictConfig, run_dir: Path) -> None:
+    """The last saved variant -> quantize/model (HF-loadable), refused when the validation metric drops
+    more than quantize.max_metric_drop."""
+    q = cfg.quantize
+    if q.quantization_config is None:
+        console.print("quantize=none: nothing to quantize")
+        return
+    device = check_device(q.name, list(q.devices), q.get("reason", "its kernels"))
+    source_name, source = compression_source(run_dir, "quantized")
+    data, task = build_data_and_task(cfg)
+    build_config = instantiate(q.quantization_config)
+    quantized = quantize_model(source, task.auto_class, build_config, q.include_embeddings, device)
+    gate = None
+    if q.max_metric_drop is not None:
+        data.setup("validate")
+        before = task.auto_class.from_pretrained(source)
+        gate = metric_gate(before, quantized, task, data.val_dataloader(), q.max_metric_drop, source_name)
+        del before
+    with atomic_dir(run_dir / "quantize") as tmp:
+        quantized.save_pretrained(tmp / "model")
+        copy_preprocessing_files(source, tmp / "model")
+        config = quantized.config.quantization_config
+        card = model_card(
+            source=source,
+            config_name=q.name,
+            config=config,
+            auto_class=task.auto_class,
+            target=run_dir / "quantize" / "model",
+            gate=gate,
+        )
+        (tmp / "model" / "README.md").write_text(card)
+        (tmp / "gate.json").write_text(json.dumps(gate, indent=2))
+        write_manifest(tmp)
+    size = weights_size_bytes(run_dir / "quantize" / "model") / weights_size_bytes(source)
+    console.print(
+        f"quantized ({q.name}): {run_dir / 'quantize' / 'model'} ({size:.2f}x the size of {source_name})"
+    )
+
+
+def metric_gate(
+    before: Any, after: Any, task: Any, loader: Any, max_drop: float, before_name: str
+) -> dict[str, Any]:
+    """Validation primary metric before and after compression; a ToolkitError when it drops too far.
+
+    The drop is in the metric's own fraction (0.01 = 1 point of accuracy) where higher is better, and
+    relative where lower is better (perplexity: 0.01 = 1% higher).
+    """
+    metric = task.primary_metric
+    old = evaluate_model(before, task, loader, stage="val")[metric]
+    new = evaluate_model(after, task, loader, stage="val")[metric]
+    drop = old - new if task.mode == "max" else (new - old) / old
+    gate = {"metric": metric, "source": old, "quantized": new, "drop": drop, "max_metric_drop": max_drop}
+    if drop > max_drop:
+        raise ToolkitError(
+            f"quantize gate: validation {metric} {new:.4f} quantized vs {old:.4f} {before_name} "
+            f"(drop {drop:.4f} > quantize.max_metric_drop={max_drop}); quantize/model not written, "
+            f"the {before_name} model is kept"
+        )
+    return gate
+
+
+def copy_preprocessing_files(source: Path, target: Path) -> None:
+    """Tokenizer/processor files of `source` beside the quantized weights: a self-contained folder."""
+    for file in source.iterdir():
+        weights = file.name.endswith((*WEIGHT_FILES, ".index.json"))
+        if file.is_file() and not weights and not (target / file.name).exists() and file.name != "README.md":
+            shutil.copy2(file, target / file.name)
+
+
+def report_stage(cfg: DictConfig, run_dir: Path) -> None:
+    """report.md (what ran, training curve, evaluation table, artifacts); ends by printing the table."""
+    _, task = build_data_and_task(cfg)
+    report = write_report(cfg, run_dir, task.primary_metric, task.auto_class.__name__)
+    metrics = metrics_of(run_dir)
+    if metrics:
+        print_metrics(metrics, title=f"{run_dir} (test split)")
+    console.print(f"report: {report}")
+
+
+STAGES = {
+    "train": train_stage,
+    "export": export_stage,
+    "prune": prune_stage,
+    "distill": distill_stage,
+    "quantize": quantize_stage,
+    "evaluate": evaluate_stage,
+    "report": report_stage,
+}
 
 
 def ordered_stages(stages: list[str]) -> list[str]:
@@ -255,9 +430,10 @@ def ordered_stages(stages: list[str]) -> list[str]:
     return [s for s in STAGE_ORDER if s in stages]
 
 
-def run_pipeline(cfg: DictConfig, run_dir: Path) -> list[str]:
-    """Run the listed stages in order; returns the stages that completed on this process."""
-    done = []
+def run_pipeline(cfg: DictConfig, run_dir: Path, done: list[str] | None = None) -> list[str]:
+    """Run the listed stages in order; returns the stages that completed on this process (also appended
+    to `done` as they complete, so a caller knows what finished when a later stage fails)."""
+    done = [] if done is None else done
     for stage in ordered_stages(list(cfg.stages)):
         if stage == "train":
             if not train_stage(cfg, run_dir):

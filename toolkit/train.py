@@ -49,6 +49,10 @@ def load_from_run(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     if not saved.is_file():
         raise ToolkitError(f"from_run='{cfg.from_run}' is not a run directory (no .hydra/config.yaml in it)")
     merged = OmegaConf.load(saved)
+    with open_dict(merged):  # keys newer than the saved run (e.g. a new stage's group) come from this command
+        for key in cfg:
+            if key not in merged and key != "hydra":
+                merged[key] = cfg[key]
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
         if key.startswith("hydra") or key == "recipe":
@@ -80,7 +84,7 @@ def _main(cfg: DictConfig) -> None:
         if not fresh:
             cfg = load_from_run(cfg, list(hydra_cfg.overrides.task))
             run_dir = Path(cfg.from_run)
-        done = run_pipeline(cfg, run_dir)
+        run_pipeline(cfg, run_dir, done)
     except Exception as err:
         cause = user_error(err)
         if cause is None:
@@ -88,6 +92,7 @@ def _main(cfg: DictConfig) -> None:
         started = (run_dir / "checkpoints").exists()  # a failure after checkpoints keeps them (and logs)
         if fresh and not done and not started and hydra_cfg.output_subdir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)  # bad input leaves nothing that looks like a run
+        # a later stage's failure (e.g. the quantization gate) keeps what the earlier stages wrote
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
 

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
@@ -61,7 +62,9 @@ def build_logger(logger_cfg: DictConfig | None, run_dir: Path, cfg: DictConfig) 
     else:
         logger = instantiate(logger_cfg, save_dir=str(run_dir))
     logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
-    return logger
+    if isinstance(logger, CSVLogger):
+        return logger
+    return [logger, CSVLogger(save_dir=str(run_dir), name="csv")]  # report.md draws its curve from the CSV
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> list[L.Callback]:

@@ -1,0 +1,189 @@
+"""Post-training quantization: each config round-trips through save_pretrained; the gate; from_run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from toolkit import train
+from toolkit.errors import ToolkitError
+from toolkit.quantize import quantize_model, weights_size_bytes
+from toolkit.stages import run_pipeline
+
+from .conftest import compose_config, toolkit_train
+
+CONFIGS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "quantize").glob("*.yaml"))
+CPU_CONFIGS = ["int8_dynamic", "int8_weight_only"]
+GPU_CONFIGS = ["int4_weight_only", "nf4"]
+
+
+def quantize_cfg(name: str):
+    return compose_config(["recipe=quickstart", f"quantize={name}"]).quantize
+
+
+def copy_run(run: tuple, tmp_path: Path) -> Path:
+    """A private copy of a shared session run (so a test's stages do not leak into others), with the
+    .hydra/config.yaml that `from_run` reads."""
+    cfg, run_dir = run
+    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
+    (copy / ".hydra").mkdir()
+    OmegaConf.save(cfg, copy / ".hydra" / "config.yaml")
+    return copy
+
+
+def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids)).logits
+
+
+def test_every_config_file_is_covered():
+    assert set(CONFIGS) == {"none", *CPU_CONFIGS, *GPU_CONFIGS}
+
+
+@pytest.mark.parametrize("embeddings", [True, False], ids=["with_embeddings", "linear_only"])
+@pytest.mark.parametrize("config", CPU_CONFIGS + GPU_CONFIGS)
+@pytest.mark.parametrize("run_fixture", ["classifier_run", "sft_run"])
+def test_quantized_model_reloads_identically(request, tmp_path, run_fixture, config, embeddings):
+    if config in GPU_CONFIGS and not torch.cuda.is_available():
+        pytest.skip(f"{config} needs CUDA")
+    cfg, run_dir = request.getfixturevalue(run_fixture)
+    q = quantize_cfg(config)
+    task = instantiate(cfg.task)
+    source = run_dir / "export" / "model"
+    device = "cpu" if "cpu" in q.devices else "cuda"
+    model = quantize_model(source, task.auto_class, instantiate(q.quantization_config), embeddings, device)
+    model.save_pretrained(tmp_path / "q")
+    reloaded = task.auto_class.from_pretrained(tmp_path / "q", device_map=None if device == "cpu" else device)
+    ids = torch.randint(5, 1000, (3, 12), generator=torch.Generator().manual_seed(0)).to(device)
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), atol=0, rtol=0)
+    fp32 = task.auto_class.from_pretrained(source).to(device).eval()
+    assert (logits(model, ids).float() - logits(fp32, ids)).abs().max() < 0.1  # quantized, not broken
+    size = weights_size_bytes(tmp_path / "q") / weights_size_bytes(source)
+    # The tiny models' word embeddings (vocabularies of 30k-49k x 32) are nearly all of their bytes; the tied
+    # LM head of the causal LM becomes its own int8 copy, so two int8 copies replace one fp32 tensor.
+    small = 0.35 if run_fixture == "classifier_run" else 0.65  # per-row scales weigh on 32-wide rows
+    assert size < small if embeddings and config != "nf4" else small < size < 1.0
+    weight_types = {type(m.weight).__name__ for m in reloaded.modules() if isinstance(m, torch.nn.Linear)}
+    assert weight_types - {"Parameter"}, f"no linear layer was quantized: {weight_types}"
+
+
+def test_quantize_stage_writes_a_loadable_model_with_a_card(classifier_run, tmp_path):
+    cfg, _ = classifier_run
+    run_dir = copy_run(classifier_run, tmp_path)
+    cfg = OmegaConf.merge(cfg, {"stages": ["quantize", "evaluate"], "quantize": {"max_metric_drop": 0.5}})
+    assert run_pipeline(cfg, run_dir) == ["quantize", "evaluate"]
+    model_dir = run_dir / "quantize" / "model"
+    card = (model_dir / "README.md").read_text()
+    assert "int8_dynamic" in card and f'from_pretrained("{model_dir}")' in card
+    assert (model_dir / "tokenizer.json").exists()
+    gate = json.loads((run_dir / "quantize" / "gate.json").read_text())
+    assert gate["metric"] == "accuracy" and abs(gate["drop"]) <= 0.5
+    metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert set(metrics) == {"base", "fine_tuned", "quantized", "majority"}
+    assert metrics["quantized"]["size_bytes"] < 0.35 * metrics["fine_tuned"]["size_bytes"]
+    for key in ("accuracy", "latency_ms", "latency_ms_single"):
+        assert metrics["quantized"][key] > 0
+    assert not [p for p in run_dir.iterdir() if ".tmp-" in p.name]
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def run_cli(args, monkeypatch, tmp_path, capsys) -> tuple[int, str]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["toolkit-train", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        train.main()
+    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_gate_fails_an_impossible_threshold_and_keeps_the_export(sft_run, tmp_path, monkeypatch, capsys):
+    run_dir = copy_run(sft_run, tmp_path)
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    del saved["quantize"]  # a run made before the quantize group existed: from_run fills it in
+    OmegaConf.save(saved, run_dir / ".hydra" / "config.yaml")
+    export = digest(run_dir / "export" / "model")
+    # -1: the quantized model would have to be 100% better than the fine-tuned one
+    args = ["stages=[quantize,evaluate]", f"from_run={run_dir}", "quantize.max_metric_drop=-1.0"]
+    code, line = run_cli(args, monkeypatch, tmp_path, capsys)
+    assert code == 2
+    assert line.startswith("error: quantize gate: validation perplexity ")
+    assert "quantized vs " in line and "fine_tuned" in line and "max_metric_drop=-1.0" in line
+    assert digest(run_dir / "export" / "model") == export
+    assert not (run_dir / "quantize").exists()
+    assert not [p for p in run_dir.iterdir() if ".tmp-" in p.name]
+
+
+def test_from_run_quantizes_an_earlier_run_through_the_cli(classifier_run, tmp_path):
+    run_dir = copy_run(classifier_run, tmp_path)
+    args = ["stages=[quantize,evaluate]", f"from_run={run_dir}", "quantize=int8_weight_only"]
+    result = toolkit_train([*args, "quantize.max_metric_drop=0.5"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "int8_weight_only" in (run_dir / "quantize" / "model" / "README.md").read_text()
+    assert "quantized" in json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+
+
+def test_gpu_only_config_on_cpu_names_the_device(classifier_run, tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has the GPU nf4 needs")
+    run_dir = copy_run(classifier_run, tmp_path)
+    code, line = run_cli(
+        ["stages=[quantize]", f"from_run={run_dir}", "quantize=nf4"], monkeypatch, tmp_path, capsys
+    )
+    assert code == 2
+    assert line == (
+        "error: quantize=nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none. "
+        "On CPU use quantize=int8_dynamic or quantize=int8_weight_only"
+    )
+    assert not (run_dir / "quantize").exists()
+
+
+def test_from_run_without_an_export(classifier_run, tmp_path, monkeypatch, capsys):
+    run_dir = copy_run(classifier_run, tmp_path)
+    shutil.rmtree(run_dir / "export")
+    code, line = run_cli(["stages=[quantize]", f"from_run={run_dir}"], monkeypatch, tmp_path, capsys)
+    assert code == 2
+    assert line.startswith(
+        f"error: no exported model in {run_dir / 'export' / 'model'}; run the export stage"
+    )
+
+
+class EmbeddingOnlyConfig(PretrainedConfig):
+    model_type = "toolkit_test_embedding_only"
+
+
+class EmbeddingOnlyModel(PreTrainedModel):
+    """A model without nn.Linear layers (an embedding lookup), registered like any custom model."""
+
+    config_class = EmbeddingOnlyConfig
+
+    def __init__(self, config: EmbeddingOnlyConfig) -> None:
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(16, 4)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)
+
+
+def test_model_without_linear_layers(tmp_path):
+    AutoConfig.register(EmbeddingOnlyConfig.model_type, EmbeddingOnlyConfig, exist_ok=True)
+    AutoModel.register(EmbeddingOnlyConfig, EmbeddingOnlyModel, exist_ok=True)
+    EmbeddingOnlyModel(EmbeddingOnlyConfig()).save_pretrained(tmp_path)
+    build = instantiate(quantize_cfg("int8_dynamic").quantization_config)
+    with pytest.raises(ToolkitError) as err:
+        quantize_model(tmp_path, AutoModel, build)
+    assert str(err.value) == (
+        f"{tmp_path} (EmbeddingOnlyModel) has no nn.Linear layers to quantize; "
+        "quantization converts linear layers (use quantize=none for this model)"
+    )
