@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from toolkit.checkpoint import atomic_write_text
+from toolkit.redaction import redact
 
 VERSIONED = ("torch", "lightning", "transformers", "peft", "torchao", "deepspeed", "datasets")
 CURVE = "training_curve.png"
@@ -186,7 +187,7 @@ def write_report(cfg: DictConfig, run_dir: Path, primary_metric: str, auto_class
     for what, path, command in artifacts(run_dir, auto_class):
         lines.append(f"| {what} | `{path}` | `{command}` |")
     report = run_dir / "report.md"
-    atomic_write_text(report, "\n".join(lines) + "\n")
+    atomic_write_text(report, redact("\n".join(lines) + "\n"))  # overrides may carry a token
     return report
 
 
