@@ -186,7 +186,7 @@ TINY_BERT4REC = (
 )
 def test_recsys_recipe_end_to_end(recipe, model, tmp_path):
     cfg = compose_config([f"recipe={recipe}", model, *TINY_RECSYS])
-    assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate"]
+    assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate", "report"]
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert set(metrics) == {"base", "fine_tuned", "popularity"}
     for variant in metrics.values():

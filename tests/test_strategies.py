@@ -67,7 +67,7 @@ def single_losses(tmp_path_factory, base_dir) -> list[float]:
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_strategy_matches_single_process_and_exports_trained_weights(
+def test_strategy_matches_single_process_exports_trained_weights_and_resumes(
     strategy, tmp_path, base_dir, single_losses
 ):
     run_dir = tmp_path / "run"
@@ -92,6 +92,11 @@ def test_strategy_matches_single_process_and_exports_trained_weights(
         torch.testing.assert_close(adapted(**inputs).logits, merged(**inputs).logits, atol=1e-5, rtol=1e-4)
     exported_b = {k: v for k, v in adapted.state_dict().items() if "lora_B" in k}
     assert len(exported_b) == len(lora_b) and all(v.abs().sum() > 0 for v in exported_b.values())
+
+    # and the sharded checkpoint resumes: 2 more steps on the same ranks
+    args = [f"strategy={strategy}", *optim, "trainer.devices=2", "data.batch_size=8", "stages=[train]"]
+    train(run_dir, base_dir, *args, "trainer.max_steps=5", f"from_run={run_dir}", "resume=last")
+    assert checkpoint_step(existing_checkpoint(run_dir / "checkpoints" / "last.ckpt")) == 5
 
 
 def checkpoint_step(path: Path) -> int:

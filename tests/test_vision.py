@@ -163,7 +163,7 @@ def vit_run(tmp_path_factory):
     """The Fashion-MNIST ViT recipe, tiny, through train, export, evaluate."""
     run_dir = tmp_path_factory.mktemp("vit_run")
     cfg = compose_config(["recipe=vision/vit_fashion_mnist", TINY_VIT, *TINY_IMAGES])
-    assert run_pipeline(cfg, run_dir) == ["train", "export", "evaluate"]
+    assert run_pipeline(cfg, run_dir) == ["train", "export", "evaluate", "report"]
     return cfg, run_dir
 
 
@@ -200,7 +200,7 @@ def test_lora_transfer_recipe_from_the_exported_vit(vit_run, tmp_path):
     _, vit_dir = vit_run
     exported = vit_dir / "export" / "model"
     cfg = compose_config(["recipe=vision/vit_lora_transfer", f"model.name_or_path={exported}", *TINY_IMAGES])
-    assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate"]
+    assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate", "report"]
     adapter = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and adapter["modules_to_save"] == [
         "classifier"
@@ -222,7 +222,7 @@ def test_seed_mlp_recipe_end_to_end(tmp_path):
     assert not any(cfg.data.augment.values())  # the document trains on plain pixels
     fashion = compose_config(["recipe=vision/mlp_mnist_seed", "data=fashion_mnist"])
     assert not any(fashion.data.augment.values()) and fashion.data.batch_size == 64
-    assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate"]
+    assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate", "report"]
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "export" / "model")
     assert isinstance(model, MLPForImageClassification)
 
@@ -232,7 +232,7 @@ def test_hub_vit_recipe_runs_with_a_tiny_checkpoint(tiny_vit_rgb_dir, tmp_path):
     overrides = [f"model.name_or_path={tiny_vit_rgb_dir}", "data.image_size=32", "data.eval_batch_size=32"]
     cfg = compose_config(["recipe=vision/vit_base_lora", *overrides, *TINY_IMAGES])
     assert cfg.data.resize and cfg.data.num_channels == 3 and list(cfg.data.mean) == [0.5, 0.5, 0.5]
-    assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate"]
+    assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate", "report"]
     model = AutoModelForImageClassification.from_pretrained(tmp_path / "export" / "model")
     assert model.config.num_labels == 10 and model.classifier.out_features == 10  # the 3-class head replaced
 
