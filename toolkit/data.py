@@ -19,6 +19,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
+from toolkit.packing import collate_packed, pack_dataset
 from toolkit.samplers import LengthGroupedSampler, ResumableSampler
 
 FILE_FORMATS = {
@@ -244,6 +245,8 @@ class ChatSFTData(_HFData):
     The user turn is `prompt_template` filled with the row (`{text}` etc.); the answer is the row's
     `response_column`, or `answers[label]` when the data is a labelled classification set. Batches also carry
     the left-padded prompt alone (`prompt_input_ids`) and the answer text index, for generation metrics.
+    `packing` packs the training split into rows of `pack_length` tokens (default `max_length`) with no
+    attention across examples (toolkit.packing); evaluation splits stay one example per row.
     """
 
     def __init__(
@@ -254,9 +257,18 @@ class ChatSFTData(_HFData):
         answers: dict[str, str] | None = None,
         ignore_labels: list[str] | None = None,
         system_prompt: str | None = None,
+        packing: bool = False,
+        pack_length: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.packing, self.pack_length = packing, pack_length or self.max_length
+        if packing and self.pack_length < self.max_length:
+            raise ToolkitError(
+                f"data.pack_length={pack_length} is shorter than data.max_length={self.max_length}; "
+                "a packed row must hold the longest example"
+            )
+        self.group_by_length = self.group_by_length and not packing  # packed rows are all about full
         if (response_column is None) == (label_column is None):
             raise ToolkitError(
                 "set exactly one of data.response_column and data.label_column (with data.answers)"
@@ -290,8 +302,16 @@ class ChatSFTData(_HFData):
         )
         return dataset.map(encode, remove_columns=dataset.column_names, desc="chat template")
 
+    def setup(self, stage: str | None = None) -> None:
+        fresh = self.splits is None
+        super().setup(stage)
+        if fresh and self.packing:
+            self.splits["train"] = pack_dataset(self.splits["train"], self.pack_length)
+
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id
+        if "position_ids" in features[0]:
+            return collate_packed(features, pad_id)
         batch = {
             "input_ids": _pad([f["input_ids"] for f in features], pad_id, left=False),
             "labels": _pad([f["labels"] for f in features], -100, left=False),
