@@ -3,10 +3,16 @@
 import argparse
 from pathlib import Path
 
-from benchmarks import harness, strategies
+from benchmarks import data_cache, harness, memory, overhead, packing, strategies
 
 # Each entry is a module with `main(tiny: bool) -> harness.Result`; add new benchmarks here.
-BENCHMARKS = {"strategies": strategies}
+BENCHMARKS = {
+    "strategies": strategies,
+    "overhead": overhead,
+    "packing": packing,
+    "memory": memory,
+    "data_cache": data_cache,
+}
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ FILE_FORMATS = {
 }
 COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
 SPLITS = ("train", "validation", "test")
+PADDINGS = ("longest", "max_length")
 LENGTH_GROUP_BATCHES = (
     50  # group_by_length sorts windows of this many batches (as transformers' sampler does)
 )
@@ -126,8 +127,12 @@ class _HFData(L.LightningDataModule):
         max_eval_examples: int | None = None,
         num_workers: int = 0,
         group_by_length: bool = False,
+        padding: str = "longest",
     ) -> None:
         super().__init__()
+        if padding not in PADDINGS:
+            raise ToolkitError(f"data.padding '{padding}' is not supported; valid: {', '.join(PADDINGS)}")
+        self.padding = padding
         self.path, self.name, self.tokenizer_path = path, name, tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.val_size, self.test_size, self.seed = val_size, test_size, seed
@@ -230,7 +235,12 @@ class TextClassificationData(_HFData):
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         labels = torch.tensor([f["labels"] for f in features])
-        batch = self.tokenizer.pad([{"input_ids": f["input_ids"]} for f in features], return_tensors="pt")
+        batch = self.tokenizer.pad(
+            [{"input_ids": f["input_ids"]} for f in features],
+            padding=self.padding,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
 
 
@@ -312,13 +322,16 @@ class ChatSFTData(_HFData):
         pad_id = self.tokenizer.pad_token_id
         if "position_ids" in features[0]:
             return collate_packed(features, pad_id)
+        width = self.max_length if self.padding == "max_length" else None
         batch = {
-            "input_ids": _pad([f["input_ids"] for f in features], pad_id, left=False),
-            "labels": _pad([f["labels"] for f in features], -100, left=False),
+            "input_ids": _pad([f["input_ids"] for f in features], pad_id, left=False, width=width),
+            "labels": _pad([f["labels"] for f in features], -100, left=False, width=width),
             "prompt_input_ids": _pad([f["prompt_input_ids"] for f in features], pad_id, left=True),
             "answer_index": torch.tensor([f["answer_index"] for f in features]),
         }
-        batch["attention_mask"] = _pad([[1] * len(f["input_ids"]) for f in features], 0, left=False)
+        batch["attention_mask"] = _pad(
+            [[1] * len(f["input_ids"]) for f in features], 0, left=False, width=width
+        )
         batch["prompt_attention_mask"] = _pad(
             [[1] * len(f["prompt_input_ids"]) for f in features], 0, left=True
         )
@@ -355,8 +368,8 @@ def _encode_chat(
     }
 
 
-def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
-    width = max(len(r) for r in rows)
+def _pad(rows: list[list[int]], value: int, left: bool, width: int | None = None) -> torch.Tensor:
+    width = width or max(len(r) for r in rows)
     padded = [
         ([value] * (width - len(r)) + list(r)) if left else (list(r) + [value] * (width - len(r)))
         for r in rows
