@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from benchmarks import data_cache, harness, memory, overhead, packing, strategies
+from benchmarks import data_cache, defaults, harness, memory, overhead, packing, strategies
 
 # Each entry is a module with `main(tiny: bool) -> harness.Result`; add new benchmarks here.
 BENCHMARKS = {
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "packing": packing,
     "memory": memory,
     "data_cache": data_cache,
+    "defaults": defaults,
 }
 
 

@@ -33,8 +33,15 @@ def test_strategies_benchmark_publishes_its_table_and_ratios(tmp_path):
 
 
 def test_performance_benchmarks_publish_their_tables_and_figures(tmp_path):
-    report, figures = run_benchmark("overhead packing memory data_cache", tmp_path)
-    for header in ("| model | variant |", "| arm | rows in epoch |", "| arm | peak RSS GiB |", "| data |"):
+    report, figures = run_benchmark("overhead packing memory data_cache defaults", tmp_path)
+    headers = (
+        "| model | variant |",
+        "| arm | rows in epoch |",
+        "| arm | peak RSS GiB |",
+        "| data |",
+        "| side |",
+    )
+    for header in headers:
         assert header in report
     for variant in ("| toolkit |", "| plain |", "| trainer |"):
         assert report.count(variant) == 2  # one row per model
@@ -46,3 +53,5 @@ def test_performance_benchmarks_publish_their_tables_and_figures(tmp_path):
     # LoRA keeps no gradients or AdamW states for the frozen base: far fewer tensor bytes than full tuning
     assert figures["memory.lora_tensors_over_full"] < 0.6
     assert figures["data_cache.quickstart.cached_over_first"] > 0
+    assert figures["overhead.minilm.defaults_time_over_trainer"] > 0
+    assert -1 <= figures["overhead.minilm.defaults_accuracy_delta"] <= 1
