@@ -51,7 +51,7 @@ def run(adapter: str, steps: int, tiny: bool, workdir: Path) -> dict:
 
 
 def main(tiny: bool = False) -> Result:
-    steps = 4
+    steps = 3  # ResourceReport's census runs before the 3rd optimizer step
     with tempfile.TemporaryDirectory() as tmp:
         reports = {arm: run(adapter, steps, tiny, Path(tmp)) for arm, adapter in ARMS.items()}
     full = reports["full"]

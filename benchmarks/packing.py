@@ -50,7 +50,7 @@ def nonpad_fraction(tokens: list[tuple[int, int]]) -> float:
 
 
 def main(tiny: bool = False) -> Result:
-    steps, reps, warmup = (3, 1, 1) if tiny else (8, 2, 2)
+    steps, reps, warmup = (3, 1, 1) if tiny else (3, 2, 1)
     overrides = {arm: [*RECIPE, *extra, *(TINY if tiny else [])] for arm, extra in ARMS.items()}
     tokens, examples = {}, {}
     for arm, arm_overrides in overrides.items():
