@@ -1,7 +1,8 @@
 """Sequence packing on the SFT recipe: share of real (non-pad) tokens and throughput, packed vs padded.
 
 Both arms run `recipe=nlp/smollm2_lora_sft` (SmolLM2-135M-Instruct + LoRA) through toolkit.stages.train_stage:
-  padded -- the recipe's defaults: 8 examples per batch, padded to the longest, length-grouped batches;
+  padded -- the recipe's defaults: 8 examples per batch, padded to the longest, length-grouped batches
+            (the same without length grouping is counted too, not trained);
   packed -- `data.packing=true data.pack_length=512 data.batch_size=2`: whole examples packed into rows of at
             most 512 tokens (about 13 examples per batch), no attention across examples.
 The non-pad fraction is counted over the whole training epoch in the loader's own order (real tokens over
@@ -34,6 +35,8 @@ ARMS = {
     "padded": [],
     "packed": ["data.packing=true", "data.pack_length=512", "data.batch_size=2"],
 }
+# counted, not trained: padding without the recipe's length grouping (what a default DataLoader would do)
+UNGROUPED = ["data.group_by_length=false"]
 TINY = [TINY_LLAMA, "data.max_train_examples=64"]
 
 
@@ -49,15 +52,20 @@ def nonpad_fraction(tokens: list[tuple[int, int]]) -> float:
     return sum(real for real, _ in tokens) / sum(slots for _, slots in tokens)
 
 
+def epoch_tokens(overrides: list[str]) -> tuple[list[tuple[int, int]], int]:
+    """Every training batch's (real tokens, slots) and the number of training rows, under `overrides`."""
+    data = instantiate(job_config(overrides).data)
+    data.setup("fit")
+    return batch_tokens(data), len(data.splits["train"])
+
+
 def main(tiny: bool = False) -> Result:
     steps, reps, warmup = (3, 1, 1) if tiny else (3, 2, 1)
     overrides = {arm: [*RECIPE, *extra, *(TINY if tiny else [])] for arm, extra in ARMS.items()}
     tokens, examples = {}, {}
     for arm, arm_overrides in overrides.items():
-        data = instantiate(job_config(arm_overrides).data)
-        data.setup("fit")
-        tokens[arm] = batch_tokens(data)
-        examples[arm] = len(data.splits["train"])
+        tokens[arm], examples[arm] = epoch_tokens(arm_overrides)
+    ungrouped, _ = epoch_tokens([*overrides["padded"], *UNGROUPED])
     seconds: dict[str, float] = {arm: 0.0 for arm in ARMS}
     real: dict[str, int] = {arm: 0 for arm in ARMS}
     for _ in range(reps):
@@ -71,6 +79,7 @@ def main(tiny: bool = False) -> Result:
     figures = {
         "packing.nonpad_fraction": fractions["packed"],
         "packing.padded_nonpad_fraction": fractions["padded"],
+        "packing.padded_ungrouped_nonpad_fraction": nonpad_fraction(ungrouped),
         "packing.tokens_per_s_over_padded": rate["packed"] / rate["padded"],
     }
     rows = [
@@ -85,6 +94,17 @@ def main(tiny: bool = False) -> Result:
         }
         for arm in ARMS
     ]
+    rows.append(
+        {
+            "arm": "padded, not length-grouped (counted only)",
+            "rows in epoch": examples["padded"],
+            "batches in epoch": len(ungrouped),
+            "real tokens / batch": sum(r for r, _ in ungrouped) / len(ungrouped),
+            "non-pad fraction": nonpad_fraction(ungrouped),
+            "real tokens/s": "",
+            "over padded": "",
+        }
+    )
     command = " | ".join(f"toolkit-train {' '.join(o)} trainer.max_steps={steps}" for o in overrides.values())
     notes = (
         f"Throughput: {reps}x ABAB in one process, {steps} steps per run, the first {warmup} untimed; "
