@@ -3,11 +3,19 @@
 import argparse
 from pathlib import Path
 
-from benchmarks import harness, strategies
+from benchmarks import data_cache, defaults, harness, memory, overhead, packing, strategies
 from benchmarks import quantize as quantize_benchmark
 
 # Each entry is a module with `main(tiny: bool) -> harness.Result`; add new benchmarks here.
-BENCHMARKS = {"strategies": strategies, "quantize": quantize_benchmark}
+BENCHMARKS = {
+    "strategies": strategies,
+    "quantize": quantize_benchmark,
+    "overhead": overhead,
+    "packing": packing,
+    "memory": memory,
+    "data_cache": data_cache,
+    "defaults": defaults,
+}
 
 
 def main() -> None:

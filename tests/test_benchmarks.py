@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_benchmark(name: str, results: Path) -> tuple[str, dict[str, float]]:
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--tiny", "--only", name, "--results", str(results)],
+        [sys.executable, "-m", "benchmarks", "--tiny", "--only", *name.split(), "--results", str(results)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -30,3 +30,29 @@ def test_strategies_benchmark_publishes_its_table_and_ratios(tmp_path):
     # FSDP2 shards parameters, gradients and AdamW states over the 2 ranks: half of DDP's, plus buffers
     assert 0.45 < figures["strategies.fsdp2.state_bytes_over_ddp"] < 0.6
     assert all(value > 0 for value in figures.values())
+
+
+def test_performance_benchmarks_publish_their_tables_and_figures(tmp_path):
+    report, figures = run_benchmark("overhead packing memory data_cache defaults", tmp_path)
+    headers = (
+        "| model | variant |",
+        "| arm | rows in epoch |",
+        "| arm | peak RSS GiB |",
+        "| data |",
+        "| side |",
+    )
+    for header in headers:
+        assert header in report
+    for model in ("minilm", "smollm2_lora"):
+        for variant in ("toolkit", "plain", "trainer"):
+            assert f"| {model} | {variant} |" in report
+    for name in ("minilm", "smollm2_lora"):
+        assert figures[f"overhead.{name}.toolkit_over_plain"] > 0
+        assert figures[f"overhead.{name}.toolkit_over_trainer"] > 0
+    assert figures["startup.seconds_to_first_step"] > 0
+    assert 0 < figures["packing.padded_nonpad_fraction"] <= 1 and 0 < figures["packing.nonpad_fraction"] <= 1
+    # LoRA keeps no gradients or AdamW states for the frozen base: far fewer tensor bytes than full tuning
+    assert figures["memory.lora_tensors_over_full"] < 0.6
+    assert figures["data_cache.quickstart.cached_over_first"] > 0
+    assert figures["overhead.minilm.defaults_time_over_trainer"] > 0
+    assert -1 <= figures["overhead.minilm.defaults_accuracy_delta"] <= 1

@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from toolkit.errors import ToolkitError
 from toolkit.models import load_tokenizer
+from toolkit.packing import collate_packed, pack_dataset
 from toolkit.samplers import LengthGroupedSampler, ResumableSampler
 
 FILE_FORMATS = {
@@ -32,6 +33,7 @@ FILE_FORMATS = {
 }
 COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
 SPLITS = ("train", "validation", "test")
+PADDINGS = ("longest", "max_length")
 LENGTH_GROUP_BATCHES = (
     50  # group_by_length sorts windows of this many batches (as transformers' sampler does)
 )
@@ -126,8 +128,12 @@ class _HFData(L.LightningDataModule):
         max_eval_examples: int | None = None,
         num_workers: int = 0,
         group_by_length: bool = False,
+        padding: str = "longest",
     ) -> None:
         super().__init__()
+        if padding not in PADDINGS:
+            raise ToolkitError(f"data.padding '{padding}' is not supported; valid: {', '.join(PADDINGS)}")
+        self.padding = padding
         self.path, self.name, self.tokenizer_path = path, name, tokenizer
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.val_size, self.test_size, self.seed = val_size, test_size, seed
@@ -239,7 +245,12 @@ class TextClassificationData(_HFData):
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         labels = torch.tensor([f["labels"] for f in features])
-        batch = self.tokenizer.pad([{"input_ids": f["input_ids"]} for f in features], return_tensors="pt")
+        batch = self.tokenizer.pad(
+            [{"input_ids": f["input_ids"]} for f in features],
+            padding=self.padding,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
 
 
@@ -254,6 +265,8 @@ class ChatSFTData(_HFData):
     The user turn is `prompt_template` filled with the row (`{text}` etc.); the answer is the row's
     `response_column`, or `answers[label]` when the data is a labelled classification set. Batches also carry
     the left-padded prompt alone (`prompt_input_ids`) and the answer text index, for generation metrics.
+    `packing` packs the training split into rows of `pack_length` tokens (default `max_length`) with no
+    attention across examples (toolkit.packing); evaluation splits stay one example per row.
     """
 
     def __init__(
@@ -264,9 +277,18 @@ class ChatSFTData(_HFData):
         answers: dict[str, str] | None = None,
         ignore_labels: list[str] | None = None,
         system_prompt: str | None = None,
+        packing: bool = False,
+        pack_length: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.packing, self.pack_length = packing, pack_length or self.max_length
+        if packing and self.pack_length < self.max_length:
+            raise ToolkitError(
+                f"data.pack_length={pack_length} is shorter than data.max_length={self.max_length}; "
+                "a packed row must hold the longest example"
+            )
+        self.group_by_length = self.group_by_length and not packing  # packed rows are all about full
         if (response_column is None) == (label_column is None):
             raise ToolkitError(
                 "set exactly one of data.response_column and data.label_column (with data.answers)"
@@ -300,15 +322,26 @@ class ChatSFTData(_HFData):
         )
         return dataset.map(encode, remove_columns=dataset.column_names, desc="chat template")
 
+    def setup(self, stage: str | None = None) -> None:
+        fresh = self.splits is None
+        super().setup(stage)
+        if fresh and self.packing:
+            self.splits["train"] = pack_dataset(self.splits["train"], self.pack_length)
+
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id
+        if "position_ids" in features[0]:
+            return collate_packed(features, pad_id)
+        width = self.max_length if self.padding == "max_length" else None
         batch = {
-            "input_ids": _pad([f["input_ids"] for f in features], pad_id, left=False),
-            "labels": _pad([f["labels"] for f in features], -100, left=False),
+            "input_ids": _pad([f["input_ids"] for f in features], pad_id, left=False, width=width),
+            "labels": _pad([f["labels"] for f in features], -100, left=False, width=width),
             "prompt_input_ids": _pad([f["prompt_input_ids"] for f in features], pad_id, left=True),
             "answer_index": torch.tensor([f["answer_index"] for f in features]),
         }
-        batch["attention_mask"] = _pad([[1] * len(f["input_ids"]) for f in features], 0, left=False)
+        batch["attention_mask"] = _pad(
+            [[1] * len(f["input_ids"]) for f in features], 0, left=False, width=width
+        )
         batch["prompt_attention_mask"] = _pad(
             [[1] * len(f["prompt_input_ids"]) for f in features], 0, left=True
         )
@@ -345,8 +378,8 @@ def _encode_chat(
     }
 
 
-def _pad(rows: list[list[int]], value: int, left: bool) -> torch.Tensor:
-    width = max(len(r) for r in rows)
+def _pad(rows: list[list[int]], value: int, left: bool, width: int | None = None) -> torch.Tensor:
+    width = width or max(len(r) for r in rows)
     padded = [
         ([value] * (width - len(r)) + list(r)) if left else (list(r) + [value] * (width - len(r)))
         for r in rows

@@ -26,7 +26,7 @@ from transformers import (
 
 from toolkit.models import load_tokenizer
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
 
 
 def compute_metrics(metrics: MetricCollection) -> dict[str, torch.Tensor]:
@@ -36,7 +36,12 @@ def compute_metrics(metrics: MetricCollection) -> dict[str, torch.Tensor]:
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The keys the HF forward takes; data modules may carry more (e.g. prompts for generation)."""
-    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    inputs = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        # Packed rows (toolkit.packing): transformers derives the block-diagonal mask from the position ids
+        # only when no KV cache exists; with the default use_cache=True, examples attend to each other.
+        inputs["use_cache"] = False
+    return inputs
 
 
 class SequenceClassification:
