@@ -152,7 +152,7 @@ def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
         with tempfile.TemporaryDirectory() as tmp:
             convert_zero_checkpoint_to_fp32_state_dict(checkpoint, Path(tmp) / "model.pt")
-            return torch.load(Path(tmp) / "model.pt", map_location="cpu", weights_only=False)["state_dict"]
+            return torch.load(Path(tmp) / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
     if (checkpoint / ".metadata").exists():
         from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
