@@ -47,9 +47,7 @@ class _Span(TrainerCallback):
 def run_toolkit(overrides: list[str], workdir: Path) -> tuple[float, float]:
     """(training seconds, test accuracy) of the quickstart as `toolkit-train` runs it."""
     clock = workdir / "clock.json"
-    cfg = job_config(
-        [*overrides, f"+callbacks.clock={{_target_:benchmarks.overhead.StepClock,path:{clock}}}"]
-    )
+    cfg = job_config([*overrides, f"+callbacks.clock={{_target_:toolkit.resources.StepClock,path:{clock}}}"])
     run_pipeline(cfg, workdir / "run")
     timing = json.loads(clock.read_text())
     seconds = timing["ends"][-1] - timing["first_start_perf"]

@@ -66,32 +66,6 @@ TINY = {"minilm": [TINY_BERT, *TINY_DATA], "smollm2_lora": [TINY_LLAMA, *TINY_DA
 LOG_EVERY = 10
 
 
-class StepClock(L.Callback):
-    """Records when each training step ends and when the first one starts (perf_counter; and Unix time, to
-    compare with a launch time in another process)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-        self.ends: list[float] = []
-        self.first_start: float | None = None
-        self.first_start_perf: float | None = None
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.first_start is None:
-            self.first_start, self.first_start_perf = time.time(), time.perf_counter()
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        self.ends.append(time.perf_counter())
-
-    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        timing = {
-            "first_start": self.first_start,
-            "first_start_perf": self.first_start_perf,
-            "ends": self.ends,
-        }
-        self.path.write_text(json.dumps(timing))
-
-
 class _TrainerClock(TrainerCallback):
     def __init__(self) -> None:
         self.ends: list[float] = []
@@ -136,7 +110,7 @@ def run_toolkit(overrides: list[str], steps: int, workdir: Path) -> list[float]:
         [
             *overrides,
             f"trainer.max_steps={steps}",
-            f"+callbacks.clock={{_target_:{__name__}.StepClock,path:{clock}}}",
+            f"+callbacks.clock={{_target_:toolkit.resources.StepClock,path:{clock}}}",
         ]
     )
     train_stage(cfg, workdir / "run")
@@ -234,7 +208,7 @@ def seconds_to_first_step(tiny: bool) -> float:
             "trainer.max_steps=2",
             "stages=[train]",
             f"hydra.run.dir={Path(tmp) / 'run'}",
-            f"+callbacks.clock={{_target_:{__name__}.StepClock,path:{clock}}}",
+            f"+callbacks.clock={{_target_:toolkit.resources.StepClock,path:{clock}}}",
             *([TINY_BERT] if tiny else []),
         ]
         started = time.time()

@@ -83,3 +83,29 @@ class ResourceReport(L.Callback):
         }
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+class StepClock(L.Callback):
+    """Records when each training step ends and when the first one starts (perf_counter; and Unix time, to
+    compare with a launch time in another process)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.ends: list[float] = []
+        self.first_start: float | None = None
+        self.first_start_perf: float | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.first_start is None:
+            self.first_start, self.first_start_perf = time.time(), time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.ends.append(time.perf_counter())
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        timing = {
+            "first_start": self.first_start,
+            "first_start_perf": self.first_start_perf,
+            "ends": self.ends,
+        }
+        self.path.write_text(json.dumps(timing))
