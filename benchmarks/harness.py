@@ -11,11 +11,12 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import statistics
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
+
+from toolkit import resources
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VERSIONED = ("torch", "lightning", "deepspeed", "transformers", "peft", "torchao")
@@ -41,8 +42,8 @@ def median(values: list[float]) -> float:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (ru_maxrss is KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set size (toolkit.resources: VmHWM, which exec does not inherit)."""
+    return resources.peak_rss_bytes()
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -1,7 +1,8 @@
 """Peak memory of LoRA against full fine-tuning on SmolLM2-135M-Instruct, one `toolkit-train` process each.
 
-Both run the SFT recipe for a few steps (batch 8, fp32 AdamW) with `toolkit.resources.ResourceReport`
-attached: peak RSS of the process and the census of tensors held just before an optimizer step.
+Both run the SFT recipe for a few steps (batch 4 of at most 64 tokens, fp32 AdamW) with
+`toolkit.resources.ResourceReport` attached: peak RSS of the process and the census of tensors held just
+before an optimizer step.
 
     python -m benchmarks --only memory
 """
@@ -28,7 +29,8 @@ def overrides(adapter: str, steps: int, tiny: bool) -> list[str]:
         f"trainer.max_steps={steps}",
         "trainer.limit_val_batches=0",
         "trainer.accelerator=cpu",
-        "data.batch_size=8",
+        "data.batch_size=4",  # of at most 64 tokens: a loaded 2-core machine takes about a minute per step
+        "data.max_length=64",
         "logger=none",
         "progress_bar=false",
         "stages=[train]",
