@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from toolkit.checkpoint import check_checkpoint, existing_checkpoint, read_state_dict
+from toolkit.checkpoint import AtomicCheckpointIO, check_checkpoint, existing_checkpoint, read_state_dict
 from toolkit.errors import ToolkitError
 from toolkit.module import TaskModule
 
@@ -224,3 +224,21 @@ def test_a_full_disk_during_a_save_fails_clearly_and_keeps_the_previous_checkpoi
     last = run_dir / "checkpoints" / "last.ckpt"
     check_checkpoint(last)
     assert torch.load(last, weights_only=True)["global_step"] == 1
+
+
+def test_last_checkpoint_is_saved_from_the_first_steps_and_at_the_end(tmp_path):
+    """Every 4 steps from step 4 on (before any validation), and at the end of a run that max_steps stops
+    mid-epoch (step 6 of 8): export must never see weights older than the final ones."""
+    cfg = compose_config([*TINY_CLASSIFIER, "checkpoint.every_n_train_steps=4", "stages=[train]"])
+    saved = []
+    real_save = AtomicCheckpointIO.save_checkpoint
+
+    def recording_save(self, checkpoint, path, storage_options=None):
+        saved.append((Path(path).name, checkpoint["global_step"]))
+        return real_save(self, checkpoint, path, storage_options)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AtomicCheckpointIO, "save_checkpoint", recording_save)
+        run_pipeline(cfg, tmp_path)
+    assert ("last.ckpt", 4) in saved and saved[-1] == ("last.ckpt", 6)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6

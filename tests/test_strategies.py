@@ -95,7 +95,8 @@ def test_strategy_matches_single_process_exports_trained_weights_and_resumes(
 
     # and the sharded checkpoint resumes: 2 more steps on the same ranks
     args = [f"strategy={strategy}", *optim, "trainer.devices=2", "data.batch_size=8", "stages=[train]"]
-    train(run_dir, base_dir, *args, "trainer.max_steps=5", f"from_run={run_dir}", "resume=last")
+    more = ["trainer.max_steps=5", "trainer.max_epochs=3"]  # the first run's epoch counts as done
+    train(run_dir, base_dir, *args, *more, f"from_run={run_dir}", "resume=last")
     assert checkpoint_step(existing_checkpoint(run_dir / "checkpoints" / "last.ckpt")) == 5
 
 

@@ -67,6 +67,25 @@ def build_logger(logger_cfg: DictConfig | None, run_dir: Path, cfg: DictConfig) 
     return [logger, CSVLogger(save_dir=str(run_dir), name="csv")]  # report.md draws its curve from the CSV
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """last.ckpt every N steps and whenever training ends, without a monitor.
+
+    With a monitor, Lightning defers step saves until the first validation has logged it (a long first
+    epoch would have no checkpoint at all); and its end-of-training save only happens when no last.ckpt
+    was written during the fit, so a run saving every 1000 steps and stopped by max_steps at 1500,
+    mid-epoch, would have exported the weights of step 1000.
+    """
+
+    def __init__(self, dirpath: Path, every_n_train_steps: int | None) -> None:
+        super().__init__(
+            dirpath=dirpath, save_top_k=0, save_last=True, every_n_train_steps=every_n_train_steps
+        )
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self._should_skip_saving_checkpoint(trainer):  # skips when this step is saved already
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
         ModelCheckpoint(
@@ -77,14 +96,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> 
             save_top_k=1,
             auto_insert_metric_name=False,
         ),
-        # last.ckpt has its own callback without a monitor: one with a monitor defers step saves until
-        # the first validation has logged it, so a long first epoch would have no checkpoint at all
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            save_top_k=0,
-            save_last=True,
-            every_n_train_steps=cfg.checkpoint.every_n_train_steps,
-        ),
+        LastCheckpoint(run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint.every_n_train_steps),
         RNGStateCallback(cfg.seed),
     ]
     if SLURMEnvironment.detect():
