@@ -21,8 +21,8 @@ from typing import Any
 from hydra.utils import instantiate
 from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
-from benchmarks.harness import Result
-from benchmarks.overhead import TINY_BERT, hf_model, job_config
+from benchmarks.harness import TINY_BERT, Result
+from benchmarks.overhead import hf_model, job_config
 from toolkit.evaluate import evaluate_model
 from toolkit.stages import run_pipeline
 

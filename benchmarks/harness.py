@@ -12,6 +12,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -19,6 +21,16 @@ from pathlib import Path
 from toolkit import resources
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# --tiny models built from config: the smoke tests check the harness, not speed
+TINY_BERT = (
+    "model.config={model_type:bert,hidden_size:32,num_hidden_layers:2,num_attention_heads:2,"
+    "intermediate_size:64,vocab_size:30522,max_position_embeddings:128}"
+)
+TINY_LLAMA = (
+    "model.config={model_type:llama,hidden_size:32,num_hidden_layers:2,num_attention_heads:4,"
+    "num_key_value_heads:2,intermediate_size:64,vocab_size:49152,max_position_embeddings:256,"
+    "tie_word_embeddings:true}"
+)
 VERSIONED = ("torch", "lightning", "deepspeed", "transformers", "peft", "torchao")
 
 
@@ -83,3 +95,17 @@ def publish(result: Result, results_dir: Path = RESULTS) -> Path:
     tmp.write_text(json.dumps(dict(sorted(figures.items())), indent=2) + "\n")
     tmp.replace(latest)
     return report
+
+
+def train_with_resources(overrides: list[str], out: Path) -> list[dict]:
+    """`toolkit-train <overrides>` into `out/run` with a ResourceReport attached; each rank's report."""
+    args = [
+        *overrides,
+        f"hydra.run.dir={out / 'run'}",
+        f"+callbacks.resources={{_target_:toolkit.resources.ResourceReport,path:{out / 'resources'}}}",
+    ]
+    train = Path(sys.executable).with_name("toolkit-train")
+    done = subprocess.run([str(train), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"toolkit-train {' '.join(overrides)} failed:\n{done.stderr[-3000:]}")
+    return [json.loads(p.read_text()) for p in sorted((out / "resources").glob("rank*.json"))]

@@ -9,14 +9,10 @@ before an optimizer step.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import Result
-from benchmarks.overhead import TINY_LLAMA
+from benchmarks.harness import TINY_LLAMA, Result, train_with_resources
 
 ARMS = {"lora": "adapter=lora", "full": "adapter=none"}
 GIB = 1024**3
@@ -39,17 +35,7 @@ def overrides(adapter: str, steps: int, tiny: bool) -> list[str]:
 
 
 def run(adapter: str, steps: int, tiny: bool, workdir: Path) -> dict:
-    out = workdir / adapter.split("=")[1]
-    args = [
-        *overrides(adapter, steps, tiny),
-        f"hydra.run.dir={out / 'run'}",
-        f"+callbacks.resources={{_target_:toolkit.resources.ResourceReport,path:{out / 'resources'}}}",
-    ]
-    train = Path(sys.executable).with_name("toolkit-train")
-    done = subprocess.run([str(train), *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{adapter} failed:\n{done.stderr[-3000:]}")
-    return json.loads((out / "resources" / "rank0.json").read_text())
+    return train_with_resources(overrides(adapter, steps, tiny), workdir / adapter.split("=")[1])[0]
 
 
 def main(tiny: bool = False) -> Result:

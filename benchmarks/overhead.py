@@ -33,20 +33,11 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, Trainer, TrainerCallback, TrainingArguments, get_scheduler
 
-from benchmarks.harness import Result
+from benchmarks.harness import TINY_BERT, TINY_LLAMA, Result
 from toolkit.stages import train_stage
 from toolkit.tasks import model_inputs
 from toolkit.train import compose_config
 
-TINY_BERT = (
-    "model.config={model_type:bert,hidden_size:32,num_hidden_layers:2,num_attention_heads:2,"
-    "intermediate_size:64,vocab_size:30522,max_position_embeddings:128}"
-)
-TINY_LLAMA = (
-    "model.config={model_type:llama,hidden_size:32,num_hidden_layers:2,num_attention_heads:4,"
-    "num_key_value_heads:2,intermediate_size:64,vocab_size:49152,max_position_embeddings:256,"
-    "tie_word_embeddings:true}"
-)
 COMMON = [
     "data.padding=max_length",
     "data.group_by_length=false",

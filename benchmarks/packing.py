@@ -20,8 +20,8 @@ from typing import Any
 
 from hydra.utils import instantiate
 
-from benchmarks.harness import Result
-from benchmarks.overhead import TINY_LLAMA, job_config, run_toolkit, step_times
+from benchmarks.harness import TINY_LLAMA, Result
+from benchmarks.overhead import job_config, run_toolkit, step_times
 
 RECIPE = [
     "recipe=nlp/smollm2_lora_sft",

@@ -22,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 
 from benchmarks import harness
+from benchmarks.harness import TINY_BERT, TINY_LLAMA
 from toolkit.evaluate import evaluate_model, latency_ms
 from toolkit.models import build_model
 from toolkit.quantize import quantize_model, weights_size_bytes
@@ -29,15 +30,6 @@ from toolkit.stages import build_data_and_task, model_kwargs
 from toolkit.train import compose_config
 
 CONFIGS = ("int8_weight_only", "int8_dynamic")
-TINY_BERT = (
-    "model.config={model_type:bert,hidden_size:32,num_hidden_layers:2,num_attention_heads:2,"
-    "intermediate_size:64,vocab_size:30522,max_position_embeddings:128}"
-)
-TINY_LLAMA = (
-    "model.config={model_type:llama,hidden_size:32,num_hidden_layers:2,num_attention_heads:4,"
-    "num_key_value_heads:2,intermediate_size:64,vocab_size:49152,max_position_embeddings:256,"
-    "tie_word_embeddings:true}"
-)
 MODELS = {
     # name: (overrides for the real run, extra overrides for --tiny, metric the drop is measured on)
     "minilm": (["recipe=quickstart"], [TINY_BERT], "accuracy"),

@@ -11,13 +11,10 @@ gradients + optimizer for the same rank.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.harness import Result
+from benchmarks.harness import TINY_LLAMA, Result, train_with_resources
 from toolkit.estimate import estimate
 from toolkit.train import compose_config
 
@@ -31,11 +28,6 @@ STRATEGIES = [
     "deepspeed_zero3_offload",
     "fsdp2_offload",
 ]
-TINY_MODEL = (
-    "model.config={model_type:llama,hidden_size:32,num_hidden_layers:2,num_attention_heads:4,"
-    "num_key_value_heads:2,intermediate_size:64,vocab_size:49152,max_position_embeddings:256,"
-    "tie_word_embeddings:true}"
-)
 GIB = 1024**3
 
 
@@ -60,23 +52,8 @@ def overrides(strategy: str, steps: int, tiny: bool) -> list[str]:
         "stages=[train]",
         "logger=none",
         "progress_bar=false",
-        *([TINY_MODEL] if tiny else []),
+        *([TINY_LLAMA] if tiny else []),
     ]
-
-
-def run(strategy: str, workdir: Path, steps: int, tiny: bool) -> list[dict]:
-    """One 2-rank training run; each rank's ResourceReport."""
-    out = workdir / strategy
-    args = [
-        *overrides(strategy, steps, tiny),
-        f"hydra.run.dir={out / 'run'}",
-        f"+callbacks.resources={{_target_:toolkit.resources.ResourceReport,path:{out / 'resources'}}}",
-    ]
-    train = Path(sys.executable).with_name("toolkit-train")
-    done = subprocess.run([str(train), *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{strategy} failed:\n{done.stderr[-3000:]}")
-    return [json.loads(p.read_text()) for p in sorted((out / "resources").glob("rank*.json"))]
 
 
 def estimated_state_bytes(strategy: str, tiny: bool) -> float:
@@ -88,7 +65,7 @@ def main(tiny: bool = False) -> Result:
     strategies = ["ddp", "fsdp2"] if tiny else STRATEGIES
     steps = 4 if tiny else 8
     with tempfile.TemporaryDirectory() as tmp:
-        measured = {s: run(s, Path(tmp), steps, tiny) for s in strategies}
+        measured = {s: train_with_resources(overrides(s, steps, tiny), Path(tmp) / s) for s in strategies}
     worst = {
         s: {
             key: max(rank[key] for rank in ranks)

@@ -56,7 +56,9 @@ def train(run_dir: Path, base: Path, *overrides: str) -> list[float]:
         *overrides,
     ]
     result = toolkit_train(args, run_dir.parent, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # every rank's errors, not only the last lines: a rank that dies first explains the others
+    errors = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
+    assert result.returncode == 0, "\n".join(errors[-20:]) + "\n...\n" + result.stderr[-2000:]
     metrics = pd.read_csv(run_dir / "csv" / "version_0" / "metrics.csv")
     return metrics.dropna(subset=["train/loss"]).sort_values("step")["train/loss"].tolist()
 
