@@ -212,7 +212,7 @@ def seconds_to_first_step(tiny: bool) -> float:
 
 
 def main(tiny: bool = False) -> Result:
-    steps, reps, warmup = (3, 1, 1) if tiny else (7, 2, 2)
+    steps, reps, warmup = (3, 1, 1) if tiny else (25, 3, 5)  # 60 timed steps per variant and model
     rows, figures = [], {}
     for name in MODELS:
         times = compare(name, tiny, steps, reps, warmup)
