@@ -21,7 +21,7 @@ from pathlib import Path
 from toolkit import resources
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# --tiny models built from config: the smoke tests check the harness, not speed
+# Tiny models built from config (real tokenizers): --tiny benchmark runs and the test suite
 TINY_BERT = (
     "model.config={model_type:bert,hidden_size:32,num_hidden_layers:2,num_attention_heads:2,"
     "intermediate_size:64,vocab_size:30522,max_position_embeddings:128}"

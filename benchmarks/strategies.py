@@ -15,19 +15,10 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.harness import TINY_LLAMA, Result, train_with_resources
-from toolkit.estimate import estimate
+from toolkit.estimate import SHARDING, estimate
 from toolkit.train import compose_config
 
-STRATEGIES = [
-    "ddp",
-    "deepspeed_zero1",
-    "deepspeed_zero2",
-    "deepspeed_zero3",
-    "fsdp2",
-    "deepspeed_zero2_offload",
-    "deepspeed_zero3_offload",
-    "fsdp2_offload",
-]
+STRATEGIES = [name for name in SHARDING if name != "single"]  # every multi-rank strategy
 GIB = 1024**3
 
 

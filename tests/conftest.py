@@ -19,22 +19,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+from benchmarks.harness import TINY_BERT, TINY_LLAMA  # noqa: E402,F401  (2-layer BERT / Llama from config)
 from toolkit.stages import run_pipeline  # noqa: E402
 from toolkit.train import config_dir, register_resolvers  # noqa: E402
 
 register_resolvers()
 
-# A 2-layer BERT built from config with MiniLM's tokenizer, on a slice of the real Rotten Tomatoes data.
-TINY_BERT = (
-    "model.config={model_type:bert,hidden_size:32,num_hidden_layers:2,num_attention_heads:2,"
-    "intermediate_size:64,vocab_size:30522,max_position_embeddings:128}"
-)
-# A 2-layer Llama built from config with SmolLM2's tokenizer and chat template.
-TINY_LLAMA = (
-    "model.config={model_type:llama,hidden_size:32,num_hidden_layers:2,num_attention_heads:4,"
-    "num_key_value_heads:2,intermediate_size:64,vocab_size:49152,max_position_embeddings:256,"
-    "tie_word_embeddings:true}"
-)
 # A 1-layer ViT for 28x28 greyscale images, built from config.
 TINY_VIT = (
     "model.config={model_type:vit,image_size:28,patch_size:7,num_channels:1,hidden_size:16,"

@@ -3,12 +3,14 @@ ZeRO-3 rank really held (its checkpoint shard)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from toolkit.estimate import GB, estimate, per_device
+from toolkit.estimate import GB, SHARDING, estimate, per_device
 from toolkit.models import build_model
-from toolkit.train import compose_config
+from toolkit.train import compose_config, config_dir
 
 from .conftest import TINY_BERT, toolkit_train
 
@@ -82,3 +84,9 @@ def tensors(obj):
     elif isinstance(obj, list | tuple):
         for value in obj:
             yield from tensors(value)
+
+
+def test_every_strategy_config_has_a_sharding_entry():
+    """The estimator, the strategy tests and the benchmark all enumerate strategies from SHARDING."""
+    configs = {p.stem for p in (Path(config_dir()) / "strategy").glob("*.yaml")}
+    assert configs == set(SHARDING)

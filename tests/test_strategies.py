@@ -17,19 +17,11 @@ from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
 from toolkit.checkpoint import existing_checkpoint, read_state_dict
+from toolkit.estimate import SHARDING
 
 from .conftest import TOOLKIT_TRAIN, toolkit_train
 
-STRATEGIES = [
-    "ddp",
-    "deepspeed_zero1",
-    "deepspeed_zero2",
-    "deepspeed_zero3",
-    "fsdp2",
-    "deepspeed_zero2_offload",
-    "deepspeed_zero3_offload",
-    "fsdp2_offload",
-]
+STRATEGIES = [name for name in SHARDING if name != "single"]  # every multi-rank strategy
 # With base_dir (dropout off: each rank would draw its own masks) and plain shuffling (length grouping
 # sorts per rank), 2 ranks x batch 8 see exactly the single process's batch of 16.
 COMMON = [

@@ -4,7 +4,6 @@ checking a run's checkpoint."""
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import random
 import shutil
@@ -112,17 +111,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        buffer = io.BytesIO()  # serialised first: torch.save into a full disk fails with an opaque error
-        torch.save(checkpoint, buffer)
         try:
-            with tmp.open("wb") as f:
-                f.write(buffer.getbuffer())
+            with tmp.open("wb") as f:  # streamed: a copy in memory would double the state's RAM at saves
+                torch.save(checkpoint, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
+            cause = os_error_behind(err)
+            if cause is not None and cause is not err:
+                raise cause from err
             raise
+
+
+def os_error_behind(err: BaseException) -> OSError | None:
+    """The OSError behind `err`: torch.save reports a full disk as an opaque RuntimeError whose context is
+    the file object's OSError (errno ENOSPC)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def atomic_write_text(path: Path, text: str) -> None:

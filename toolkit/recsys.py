@@ -19,17 +19,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import pandas as pd
 import torch
-from torchdata.stateful_dataloader import StatefulDataLoader
 from torchmetrics import MeanMetric, MetricCollection
 from transformers import AutoModel
 
 import toolkit.recmodels  # noqa: F401  (registers the sasrec / bert4rec model types)
 from toolkit.data import _load_raw
 from toolkit.errors import ToolkitError
-from toolkit.samplers import ResumableSampler
+from toolkit.samplers import SplitLoaders
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +126,7 @@ def training_windows(history: list[int], length: int, objective: str) -> list[li
     return windows
 
 
-class SequentialRecData(L.LightningDataModule):
+class SequentialRecData(SplitLoaders):
     """Leave-last-out next-item data; batches are fixed-length, left-padded item sequences."""
 
     def __init__(
@@ -263,23 +261,6 @@ class SequentialRecData(L.LightningDataModule):
             s: {"rows": len(rows), "sha256": hashlib.sha256(repr(rows).encode()).hexdigest()[:16]}
             for s, rows in self.splits.items()
         }
-
-    def train_dataloader(self) -> StatefulDataLoader:
-        rows = self.splits["train"]
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = ResumableSampler(rows, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return self._loader(rows, self.batch_size, self.collate_train, sampler=sampler)
-
-    def val_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.splits["validation"], self.eval_batch_size, self.collate_eval)
-
-    def test_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.splits["test"], self.eval_batch_size, self.collate_eval)
-
-    def _loader(self, rows: list, batch_size: int, collate: Any, **kwargs: Any) -> StatefulDataLoader:
-        return StatefulDataLoader(
-            rows, batch_size=batch_size, collate_fn=collate, num_workers=self.num_workers, **kwargs
-        )
 
 
 def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

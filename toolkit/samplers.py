@@ -1,10 +1,14 @@
-"""Length-grouped shuffling that stays exactly resumable (torchdata's StatefulDistributedSampler)."""
+"""Length-grouped shuffling that stays exactly resumable (torchdata's StatefulDistributedSampler), and the
+loaders of data modules that hold their splits in memory."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
+import lightning as L
 from torch.utils.data import Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
 
 
@@ -60,3 +64,31 @@ class LengthGroupedSampler(ResumableSampler, _LengthGroupedOrder):
             self, dataset, lengths, window, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
         )
         self.yielded, self.next_yielded = 0, None
+
+
+class SplitLoaders(L.LightningDataModule):
+    """Loaders over ready-made splits (`self.splits`: train/validation/test sequences), for data modules that
+    collate themselves (`collate_train`, `collate_eval`): shuffled, rank-aware and exactly resumable."""
+
+    splits: dict[str, Sequence]
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    seed: int
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        data = self.splits["train"]
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return self._loader(data, self.batch_size, self.collate_train, sampler=sampler)
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.splits["validation"], self.eval_batch_size, self.collate_eval)
+
+    def test_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.splits["test"], self.eval_batch_size, self.collate_eval)
+
+    def _loader(self, data: Sequence, batch_size: int, collate: Any, **kwargs: Any) -> StatefulDataLoader:
+        return StatefulDataLoader(
+            data, batch_size=batch_size, collate_fn=collate, num_workers=self.num_workers, **kwargs
+        )

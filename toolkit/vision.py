@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")  # figures are files; no display
@@ -22,14 +21,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from torchdata.stateful_dataloader import StatefulDataLoader
 from torchmetrics.classification import MulticlassConfusionMatrix
 from transformers import AutoModelForImageClassification, ViTImageProcessor
 
 import toolkit.mlp  # noqa: F401  (registers the seed MLP with AutoModelForImageClassification)
 from toolkit.errors import ToolkitError
 from toolkit.images import _describe, load_images
-from toolkit.samplers import ResumableSampler
+from toolkit.samplers import SplitLoaders
 from toolkit.tasks import SequenceClassification, model_inputs
 
 SPLITS = ("train", "validation", "test")
@@ -74,7 +72,7 @@ def horizontal_flip(
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
-class ImageClassificationData(L.LightningDataModule):
+class ImageClassificationData(SplitLoaders):
     """Labelled images -> {pixel_values (B, C, H, W) float, labels (B,)}; see the module docstring."""
 
     def __init__(
@@ -215,23 +213,6 @@ class ImageClassificationData(L.LightningDataModule):
             digest.update(data.labels.numpy().tobytes())
             out[s] = {"rows": len(data), "sha256": digest.hexdigest()[:16]}
         return out
-
-    def train_dataloader(self) -> StatefulDataLoader:
-        data = self.splits["train"]
-        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = ResumableSampler(data, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return self._loader(data, self.batch_size, self.collate_train, sampler=sampler)
-
-    def val_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.splits["validation"], self.eval_batch_size, self.collate_eval)
-
-    def test_dataloader(self) -> StatefulDataLoader:
-        return self._loader(self.splits["test"], self.eval_batch_size, self.collate_eval)
-
-    def _loader(self, data: Dataset, batch_size: int, collate: Any, **kwargs: Any) -> StatefulDataLoader:
-        return StatefulDataLoader(
-            data, batch_size=batch_size, collate_fn=collate, num_workers=self.num_workers, **kwargs
-        )
 
 
 class ImageClassification(SequenceClassification):
