@@ -95,6 +95,28 @@ def test_quantize_stage_writes_a_loadable_model_with_a_card(classifier_run, tmp_
     assert not [p for p in run_dir.iterdir() if ".tmp-" in p.name]
 
 
+def test_evaluate_can_time_compiled_models_with_the_same_metrics(classifier_run, tmp_path, monkeypatch):
+    """evaluate.compile=true times every variant under torch.compile; the task metrics are the eager ones."""
+    cfg, _ = classifier_run
+    run_dir = copy_run(classifier_run, tmp_path)
+    compiled_models = []
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compiled_models.append(model) or compile_(model))
+    metrics = {}
+    for compiled in (False, True):
+        stages = ["quantize", "evaluate"] if not compiled else ["evaluate"]
+        gate = {"max_metric_drop": 0.5}
+        run_pipeline(
+            OmegaConf.merge(cfg, {"stages": stages, "quantize": gate, "evaluate": {"compile": compiled}}),
+            run_dir,
+        )
+        metrics[compiled] = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
+    assert len(compiled_models) == 3  # base, fine_tuned, quantized; none in the eager pass
+    for variant in ("base", "fine_tuned", "quantized"):
+        assert metrics[True][variant]["accuracy"] == metrics[False][variant]["accuracy"]
+        assert metrics[True][variant]["latency_ms"] > 0 and metrics[True][variant]["latency_ms_single"] > 0
+
+
 def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 

@@ -239,13 +239,14 @@ def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]
     )  # the base model's fresh head gets the same init the training run started from
     base = build_model(task.auto_class, **model_kwargs(cfg, data.pad_token_id), **task.model_kwargs())
     results = {"base": {**evaluate_model(base, task, loader), "size_bytes": model_size_bytes(base)}}
-    results["base"].update(latency_ms(base, first_batch))
+    timed = torch.compile if cfg.get("evaluate", {}).get("compile", False) else (lambda model: model)
+    results["base"].update(latency_ms(timed(base), first_batch))
     figures_of = {"base": base}  # the model a task's figures show: the fine-tuned one when there is one
     for name, folder in saved_variants(run_dir).items():
         verify_manifest(folder.parent)  # a truncated or altered weight file is named, not loaded
         model = task.auto_class.from_pretrained(folder)  # one at a time: peak memory of one extra model
         results[name] = {**evaluate_model(model, task, loader), "size_bytes": weights_size_bytes(folder)}
-        results[name].update(latency_ms(model, first_batch))
+        results[name].update(latency_ms(timed(model), first_batch))
         if name == "fine_tuned":
             figures_of = {"fine_tuned": model}
         del model
