@@ -202,9 +202,8 @@ def test_lora_transfer_recipe_from_the_exported_vit(vit_run, tmp_path):
     cfg = compose_config(["recipe=vision/vit_lora_transfer", f"model.name_or_path={exported}", *TINY_IMAGES])
     assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate", "report"]
     adapter = json.loads((tmp_path / "export" / "adapter" / "adapter_config.json").read_text())
-    assert sorted(adapter["target_modules"]) == ["q_proj", "v_proj"] and adapter["modules_to_save"] == [
-        "classifier"
-    ]
+    every_linear = ["fc1", "fc2", "k_proj", "o_proj", "q_proj", "v_proj"]
+    assert sorted(adapter["target_modules"]) == every_linear and adapter["modules_to_save"] == ["classifier"]
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert set(metrics) == {"base", "fine_tuned", "majority"}
     assert metrics["majority"]["accuracy"] < 0.25  # MNIST-5k test digits are balanced
