@@ -223,7 +223,11 @@ def test_resume_on_another_world_size_continues_the_same_training(
     train(killed, base_dir, *common, *world(after), f"from_run={killed}", "resume=last")
 
     expected_losses, resumed_losses = all_losses(straight), all_losses(killed)
-    assert sorted(resumed_losses) == sorted(expected_losses)
+    # Lightning writes a step's metrics after its checkpoint: a kill in between loses that one row (the
+    # checkpoint holds the step, so the resumed run starts after it); every other step is logged
+    assert set(expected_losses) - set(resumed_losses) <= {stopped_at - 1}
+    assert set(resumed_losses) <= set(expected_losses)
+    expected_losses = {step: expected_losses[step] for step in resumed_losses}
     torch.testing.assert_close(resumed_losses, expected_losses, rtol=0, atol=1e-4)
     expected = read_state_dict(straight / "checkpoints" / "last.ckpt")
     resumed = read_state_dict(killed / "checkpoints" / "last.ckpt")
