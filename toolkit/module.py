@@ -113,6 +113,17 @@ class TaskModule(L.LightningModule):
         self.log(f"{stage}/loss", outputs.loss, sync_dist=True, batch_size=batch["labels"].shape[0])
         self.task.update(metrics, self.model, batch, outputs, stage)
 
+    def on_validation_start(self) -> None:
+        self._metrics_to_device(self.val_metrics)
+
+    def on_test_start(self) -> None:
+        self._metrics_to_device(self.test_metrics)
+
+    def _metrics_to_device(self, metrics: Any) -> None:
+        # DeepSpeed moves a module to its device only when zero.Init partitioned none of it: under ZeRO-3
+        # the metric states would stay on the CPU while the logits come out on the GPU
+        metrics.to(self.trainer.strategy.root_device)
+
     def on_validation_epoch_end(self) -> None:
         self._log_metrics(self.val_metrics, "val")
 

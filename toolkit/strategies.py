@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
@@ -45,6 +46,7 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         self._init_deepspeed_distributed()
 
     def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
+        cast_unpartitioned_to_zero3_dtype(model, self.config)
         if self.root_device.type == "cuda":
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         import deepspeed
@@ -100,6 +102,24 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         """The DeepSpeed config when it shards parameters (ZeRO-3), for building the HF model inside it."""
         self._init_config_if_needed()
         return self.config if self.zero_stage_3 else None
+
+
+def cast_unpartitioned_to_zero3_dtype(model: nn.Module, config: dict) -> None:
+    """Under ZeRO-3 in bf16/fp16, transformers builds the base model inside zero.Init in that dtype, but PEFT
+    adds its adapter afterwards, upcast to fp32 on purpose. DeepSpeed casts a model itself only when none of
+    it is partitioned yet, and its ZeRO-3 optimizer takes one dtype per parameter group (it keeps its own
+    fp32 master weights), so the parameters built outside zero.Init follow the partitioned ones."""
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        return
+    if config.get("bf16", {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif config.get("fp16", {}).get("enabled"):
+        dtype = torch.float16
+    else:
+        return
+    for param in model.parameters():
+        if not hasattr(param, "ds_id"):  # ds_id: partitioned by zero.Init
+            param.data = param.data.to(dtype)
 
 
 def zero_world_size(checkpoint: Path) -> int | None:
