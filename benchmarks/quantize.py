@@ -101,7 +101,9 @@ def bench_model(
         variants.append(("int8_dynamic", True, True))
     for config, embeddings, compiled in variants:
         q = compose_config([*overrides, f"quantize={config}"]).quantize
-        model = quantize_model(export, task.auto_class, instantiate(q.quantization_config), embeddings)
+        model = quantize_model(
+            export, task.auto_class, instantiate(q.quantization_config), embeddings, dtype=q.dtype
+        )
         out = work / name / f"{config}-{embeddings}"
         model.save_pretrained(out)
         label = config + ("" if embeddings else " (linear only)") + (" +compile" if compiled else "")

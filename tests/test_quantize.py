@@ -53,14 +53,23 @@ def test_every_config_file_is_covered():
 @pytest.mark.parametrize("config", CPU_CONFIGS + GPU_CONFIGS)
 @pytest.mark.parametrize("run_fixture", ["classifier_run", "sft_run"])
 def test_quantized_model_reloads_identically(request, tmp_path, run_fixture, config, embeddings):
-    if config in GPU_CONFIGS and not torch.cuda.is_available():
+    if config in GPU_CONFIGS and not torch.cuda.is_available() and not (config == "nf4" and embeddings):
         pytest.skip(f"{config} needs CUDA")
     cfg, run_dir = request.getfixturevalue(run_fixture)
     q = quantize_cfg(config)
     task = instantiate(cfg.task)
     source = run_dir / "export" / "model"
     device = "cpu" if "cpu" in q.devices else "cuda"
-    model = quantize_model(source, task.auto_class, instantiate(q.quantization_config), embeddings, device)
+    build = instantiate(q.quantization_config)
+    if config == "nf4" and embeddings:  # refused before any weight is loaded, so on any machine
+        with pytest.raises(ToolkitError) as err:
+            quantize_model(source, task.auto_class, build, embeddings, device, q.dtype)
+        assert str(err.value) == (
+            "quantize.include_embeddings=true is not supported with bitsandbytes 4-bit (it converts linear "
+            "layers only); set quantize.include_embeddings=false"
+        )
+        return
+    model = quantize_model(source, task.auto_class, build, embeddings, device, q.dtype)
     model.save_pretrained(tmp_path / "q")
     reloaded = task.auto_class.from_pretrained(tmp_path / "q", device_map=None if device == "cpu" else device)
     ids = torch.randint(5, 1000, (3, 12), generator=torch.Generator().manual_seed(0)).to(device)
@@ -71,7 +80,17 @@ def test_quantized_model_reloads_identically(request, tmp_path, run_fixture, con
     # The tiny models' word embeddings (vocabularies of 30k-49k x 32) are nearly all of their bytes; the tied
     # LM head of the causal LM becomes its own int8 copy, so two int8 copies replace one fp32 tensor.
     small = 0.35 if run_fixture == "classifier_run" else 0.65  # per-row scales weigh on 32-wide rows
-    assert size < small if embeddings and config != "nf4" else small < size < 1.0
+    if config == "int4_weight_only":
+        # The tile layout pads in_features to 1024: on these 32-wide tiny models an int4 linear outweighs its
+        # fp32 original (the untied LM head makes the causal LM 5x larger), so only the linear-only size,
+        # dominated by the bfloat16 embedding, is bounded here; real shapes are measured by the benchmark.
+        if not embeddings:
+            assert 0.45 < size < 0.75, size
+    else:
+        assert size < small if embeddings else small < size < 1.0, size
+    if embeddings:
+        embedding_type = type(reloaded.get_input_embeddings().weight).__name__
+        assert embedding_type != "Parameter", "the word embedding was not quantized"
     weight_types = {type(m.weight).__name__ for m in reloaded.modules() if isinstance(m, torch.nn.Linear)}
     assert weight_types - {"Parameter"}, f"no linear layer was quantized: {weight_types}"
 
@@ -196,6 +215,14 @@ class EmbeddingOnlyModel(PreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids)
+
+
+def test_unknown_load_dtype_is_refused(classifier_run):
+    _, run_dir = classifier_run
+    build = instantiate(quantize_cfg("int8_dynamic").quantization_config)
+    with pytest.raises(ToolkitError) as err:
+        quantize_model(run_dir / "export" / "model", AutoModel, build, dtype="int3")
+    assert str(err.value) == "quantize.dtype 'int3' is not supported; valid: float32, bfloat16, float16"
 
 
 def test_model_without_linear_layers(tmp_path):

@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel, TorchAoConfig
 
 from toolkit.errors import ToolkitError
+from toolkit.models import DTYPES
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt")
 
@@ -61,6 +62,13 @@ def bitsandbytes_config(linears: list[str], embedding: str | None, **kwargs: Any
     """transformers' `BitsAndBytesConfig(**kwargs)` (bitsandbytes converts every linear layer itself)."""
     from transformers import BitsAndBytesConfig
 
+    if embedding is not None:
+        # 4-bit has no embedding kind: only a tied LM head would be converted, as an extra untied copy
+        raise ToolkitError(
+            "quantize.include_embeddings=true is not supported with bitsandbytes 4-bit (it converts linear "
+            "layers only); set quantize.include_embeddings=false"
+        )
+
     return BitsAndBytesConfig(**kwargs)
 
 
@@ -82,14 +90,18 @@ def quantize_model(
     build_config: Callable[..., Any],
     include_embeddings: bool = True,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> PreTrainedModel:
     """Load `source` (a `save_pretrained` directory) quantized; returns the quantized model in eval mode.
 
     `build_config(linears, embedding)` returns the transformers quantization config. With
     `include_embeddings`, the word embedding and the LM head are quantized too: on small models they are
     most of the bytes (half of MiniLM's). A head tied to the embedding is untied first (same values),
-    because transformers' check of tied weights cannot compare quantized tensors.
+    because transformers' check of tied weights cannot compare quantized tensors. The weights load in `dtype`
+    before they are quantized (torchao's int4 layout takes bfloat16 only).
     """
+    if dtype not in DTYPES:
+        raise ToolkitError(f"quantize.dtype '{dtype}' is not supported; valid: {', '.join(DTYPES)}")
     with torch.device("meta"):
         skeleton = auto_class.from_config(AutoConfig.from_pretrained(source))
     linears = linear_layer_names(skeleton)
@@ -104,11 +116,12 @@ def quantize_model(
         embedding = None
     config = build_config(linears, embedding)
     device_map = None if device == "cpu" else device
+    load = {"quantization_config": config, "device_map": device_map, "dtype": DTYPES[dtype]}
     if include_embeddings and head is not None and _tied(skeleton):
         with tempfile.TemporaryDirectory(prefix="untied-") as tmp:
             untie_embeddings(source, auto_class, Path(tmp))
-            return auto_class.from_pretrained(tmp, quantization_config=config, device_map=device_map).eval()
-    return auto_class.from_pretrained(source, quantization_config=config, device_map=device_map).eval()
+            return auto_class.from_pretrained(tmp, **load).eval()
+    return auto_class.from_pretrained(source, **load).eval()
 
 
 def _tied(model: PreTrainedModel) -> bool:

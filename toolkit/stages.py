@@ -345,7 +345,7 @@ def quantize_stage(cfg: DictConfig, run_dir: Path) -> None:
     source_name, source = compression_source(run_dir, "quantized")
     data, task = build_data_and_task(cfg)
     build_config = instantiate(q.quantization_config)
-    quantized = quantize_model(source, task.auto_class, build_config, q.include_embeddings, device)
+    quantized = quantize_model(source, task.auto_class, build_config, q.include_embeddings, device, q.dtype)
     gate = None
     if q.max_metric_drop is not None:
         data.setup("validate")
