@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 
 from toolkit import slurm, train
 
@@ -54,6 +55,7 @@ class Case:
     message: str
     files: dict[str, bytes] = field(default_factory=dict)
     command: str = "toolkit-train"
+    cpu_only: bool = False  # bad input only where there is no GPU
 
 
 REVIEWS = b"review,category\n" + b"".join(
@@ -168,6 +170,24 @@ CATALOGUE = {
         "adapter.target_modules regex '.*nothing.*' matches no module; linear modules: classifier, dense, "
         "key, query, value",
     ),
+    "quantize options the config cannot honour": Case(
+        "quantization",
+        ["recipe=quickstart", *TINY, "quantize=nf4", "quantize.include_embeddings=true"],
+        "quantize.include_embeddings=true is not supported with bitsandbytes 4-bit (it converts linear "
+        "layers only); set quantize.include_embeddings=false",
+    ),
+    "unknown quantize dtype": Case(
+        "quantization",
+        ["recipe=quickstart", *TINY, "quantize.dtype=int3"],
+        "quantize.dtype 'int3' is not supported; valid: float32, bfloat16, float16",
+    ),
+    "GPU-only quantize config on a CPU machine": Case(
+        "quantization",
+        ["recipe=quickstart", *TINY, "quantize=int4_weight_only"],
+        "quantize=int4_weight_only needs a CUDA GPU (torchao int4 kernels are CUDA-only); this machine has "
+        "none. On CPU use quantize=int8_dynamic or quantize=int8_weight_only",
+        cpu_only=True,
+    ),
     "unknown strategy": Case(
         "strategy",
         ["recipe=quickstart", "strategy=zero9"],
@@ -235,6 +255,8 @@ def run_command(case: Case, monkeypatch, tmp_path, capsys) -> tuple[int, str]:
 @pytest.mark.parametrize("name", list(CATALOGUE))
 def test_bad_input(name, monkeypatch, tmp_path, capsys):
     case = CATALOGUE[name]
+    if case.cpu_only and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
     code, err = run_command(case, monkeypatch, tmp_path, capsys)
     assert code == 2
     assert last_line(err) == "error: " + case.message.replace("{tmp}", str(tmp_path))

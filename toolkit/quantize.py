@@ -72,6 +72,21 @@ def bitsandbytes_config(linears: list[str], embedding: str | None, **kwargs: Any
     return BitsAndBytesConfig(**kwargs)
 
 
+def check_quantize_config(q: Any) -> str:
+    """A quantize config checked before any stage runs (else a bad one fails only after training): its load
+    dtype, its options (a trial build of its quantization config) and its device; returns the device."""
+    from hydra.utils import instantiate
+
+    check_dtype(q.dtype)
+    instantiate(q.quantization_config)(["probe"], "embedding" if q.include_embeddings else None)
+    return check_device(q.name, list(q.devices), q.get("reason", "its kernels"))
+
+
+def check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ToolkitError(f"quantize.dtype '{dtype}' is not supported; valid: {', '.join(DTYPES)}")
+
+
 def check_device(name: str, devices: list[str], reason: str) -> str:
     """The device to quantize on: CPU when the config runs there, else CUDA if present, else a clear error."""
     if "cpu" in devices:
@@ -100,8 +115,7 @@ def quantize_model(
     because transformers' check of tied weights cannot compare quantized tensors. The weights load in `dtype`
     before they are quantized (torchao's int4 layout takes bfloat16 only).
     """
-    if dtype not in DTYPES:
-        raise ToolkitError(f"quantize.dtype '{dtype}' is not supported; valid: {', '.join(DTYPES)}")
+    check_dtype(dtype)
     with torch.device("meta"):
         skeleton = auto_class.from_config(AutoConfig.from_pretrained(source))
     linears = linear_layer_names(skeleton)

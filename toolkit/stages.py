@@ -37,7 +37,13 @@ from toolkit.manifest import verify_manifest, write_manifest
 from toolkit.models import build_model
 from toolkit.module import TaskModule
 from toolkit.prune import prune_model
-from toolkit.quantize import WEIGHT_FILES, check_device, model_card, quantize_model, weights_size_bytes
+from toolkit.quantize import (
+    WEIGHT_FILES,
+    check_quantize_config,
+    model_card,
+    quantize_model,
+    weights_size_bytes,
+)
 from toolkit.report import metrics_of, write_report
 from toolkit.strategies import check_strategy
 from toolkit.trainer import build_trainer
@@ -341,7 +347,7 @@ def quantize_stage(cfg: DictConfig, run_dir: Path) -> None:
     if q.quantization_config is None:
         console.print("quantize=none: nothing to quantize")
         return
-    device = check_device(q.name, list(q.devices), q.get("reason", "its kernels"))
+    device = check_quantize_config(q)
     source_name, source = compression_source(run_dir, "quantized")
     data, task = build_data_and_task(cfg)
     build_config = instantiate(q.quantization_config)
@@ -435,7 +441,10 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, done: list[str] | None = None) 
     """Run the listed stages in order; returns the stages that completed on this process (also appended
     to `done` as they complete, so a caller knows what finished when a later stage fails)."""
     done = [] if done is None else done
-    for stage in ordered_stages(list(cfg.stages)):
+    stages = ordered_stages(list(cfg.stages))
+    if "quantize" in stages and cfg.quantize.quantization_config is not None:
+        check_quantize_config(cfg.quantize)  # before training, not after it
+    for stage in stages:
         if stage == "train":
             if not train_stage(cfg, run_dir):
                 return done  # a non-zero rank: its part ends with training
