@@ -84,7 +84,8 @@ class TaskModule(L.LightningModule):
         return self.model(**model_inputs(batch))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
+        training_loss = getattr(self.task, "training_loss", None)  # a task may compute it more cheaply
+        loss = training_loss(self.model, batch) if training_loss else self(batch).loss
         # averaged over ranks: the loss of the global batch, comparable across strategies and world sizes;
         # a NaN or inf on any rank makes the mean non-finite, so every rank takes the same decision below
         global_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")

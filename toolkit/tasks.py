@@ -1,14 +1,17 @@
 """Tasks: what a batch looks like, which HF Auto class holds the model, and which metrics judge it.
 
-The loss always comes from the HF model's own output; a task only adds metrics and its primary metric
-(the one that checkpointing, early stopping and the report use).
+The loss comes from the HF model's own output (for causal LMs its LM head runs on the labelled positions
+only, same loss); a task adds metrics and its primary metric (the one that checkpointing, early stopping
+and the report use).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -42,6 +45,12 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # only when no KV cache exists; with the default use_cache=True, examples attend to each other.
         inputs["use_cache"] = False
     return inputs
+
+
+def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the (PEFT-wrapped) transformers model computes logits at chosen positions only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class SequenceClassification:
@@ -110,6 +119,18 @@ class CausalLM:
 
     def model_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def training_loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model's causal LM loss (mean cross-entropy over labelled tokens), with its LM head run only at
+        positions some row of the batch has a label after: an SFT example labels its answer alone, and the
+        full logits (tokens x a 49k vocabulary, fp32, kept for backward) dominate a LoRA run's memory."""
+        if not _takes_logits_to_keep(model):
+            return model(**model_inputs(batch)).loss
+        inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
+        next_labels = batch["labels"][:, 1:]  # position t predicts token t + 1, as HF's loss shifts
+        keep = (next_labels != -100).any(dim=0).nonzero().squeeze(1)
+        logits = model(**inputs, logits_to_keep=keep).logits.float()
+        return F.cross_entropy(logits.flatten(0, 1), next_labels[:, keep].flatten(), ignore_index=-100)
 
     def metrics(self) -> MetricCollection:
         metrics = {"perplexity": Perplexity(ignore_index=-100)}
