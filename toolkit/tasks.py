@@ -7,6 +7,7 @@ and the report use).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -50,7 +51,12 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the (PEFT-wrapped) transformers model computes logits at chosen positions only."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_takes_logits_to_keep(type(base))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(model_class: type) -> bool:  # once per class, not per training step
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 class SequenceClassification:
