@@ -25,7 +25,7 @@ from benchmarks import harness
 from benchmarks.harness import TINY_BERT, TINY_LLAMA
 from toolkit.evaluate import evaluate_model, latency_ms
 from toolkit.models import build_model
-from toolkit.quantize import quantize_model, weights_size_bytes
+from toolkit.quantize import quantize_model, save_quantized, weights_size_bytes
 from toolkit.stages import build_data_and_task, model_kwargs
 from toolkit.train import compose_config
 
@@ -105,7 +105,7 @@ def bench_model(
             export, task.auto_class, instantiate(q.quantization_config), embeddings, dtype=q.dtype
         )
         out = work / name / f"{config}-{embeddings}"
-        model.save_pretrained(out)
+        save_quantized(model, out)
         label = config + ("" if embeddings else " (linear only)") + (" +compile" if compiled else "")
         rows.append(
             {

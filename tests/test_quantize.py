@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from toolkit import train
 from toolkit.errors import ToolkitError
-from toolkit.quantize import quantize_model, weights_size_bytes
+from toolkit.quantize import quantize_model, save_quantized, weights_size_bytes
 from toolkit.stages import run_pipeline
 
 from .conftest import compose_config, toolkit_train
@@ -73,16 +73,16 @@ def test_quantized_model_reloads_identically(request, tmp_path, run_fixture, con
     device = "cpu" if "cpu" in q.devices else "cuda"
     build = instantiate(q.quantization_config)
     model = quantize_model(source, task.auto_class, build, embeddings, device, q.dtype)
-    model.save_pretrained(tmp_path / "q")
+    save_quantized(model, tmp_path / "q")
     reloaded = task.auto_class.from_pretrained(tmp_path / "q", device_map=None if device == "cpu" else device)
     ids = torch.randint(5, 1000, (3, 12), generator=torch.Generator().manual_seed(0)).to(device)
     torch.testing.assert_close(logits(reloaded, ids), logits(model, ids), atol=0, rtol=0)
     fp32 = task.auto_class.from_pretrained(source).to(device).eval()
     assert (logits(model, ids).float() - logits(fp32, ids)).abs().max() < 0.1  # quantized, not broken
     size = weights_size_bytes(tmp_path / "q") / weights_size_bytes(source)
-    # The tiny models' word embeddings (vocabularies of 30k-49k x 32) are nearly all of their bytes; the tied
-    # LM head of the causal LM becomes its own int8 copy, so two int8 copies replace one fp32 tensor.
-    small = 0.35 if run_fixture == "classifier_run" else 0.65  # per-row scales weigh on 32-wide rows
+    # The tiny models' word embeddings (vocabularies of 30k-49k x 32) are nearly all of their bytes; the
+    # causal LM's LM head is tied to its embedding and stays tied: one int8 copy serves both.
+    small = 0.35  # per-row scales weigh on 32-wide rows
     if config == "int4_weight_only":
         # The tile layout pads in_features to 1024: on these 32-wide tiny models an int4 linear outweighs its
         # fp32 original (the untied LM head makes the causal LM 5x larger), so only the linear-only size,
@@ -94,6 +94,8 @@ def test_quantized_model_reloads_identically(request, tmp_path, run_fixture, con
     if embeddings:
         embedding_type = type(reloaded.get_input_embeddings().weight).__name__
         assert embedding_type != "Parameter", "the word embedding was not quantized"
+    if run_fixture == "sft_run":
+        assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
     weight_types = {type(m.weight).__name__ for m in reloaded.modules() if isinstance(m, torch.nn.Linear)}
     assert weight_types - {"Parameter"}, f"no linear layer was quantized: {weight_types}"
 

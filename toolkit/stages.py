@@ -42,6 +42,7 @@ from toolkit.quantize import (
     check_quantize_config,
     model_card,
     quantize_model,
+    save_quantized,
     weights_size_bytes,
 )
 from toolkit.report import metrics_of, write_report
@@ -359,7 +360,7 @@ def quantize_stage(cfg: DictConfig, run_dir: Path) -> None:
         gate = metric_gate(before, quantized, task, data.val_dataloader(), q.max_metric_drop, source_name)
         del before
     with atomic_dir(run_dir / "quantize") as tmp:
-        quantized.save_pretrained(tmp / "model")
+        save_quantized(quantized, tmp / "model")
         copy_preprocessing_files(source, tmp / "model")
         config = quantized.config.quantization_config
         card = model_card(
