@@ -139,15 +139,15 @@ def _tied(model: PreTrainedModel) -> bool:
     return bool(getattr(model.config.get_text_config(decoder=True), "tie_word_embeddings", False))
 
 
-def save_quantized(model: PreTrainedModel, target: Path) -> None:
-    """`model.save_pretrained(target)`, each tied weight stored once.
+def save_quantized(model: PreTrainedModel, target: Path, **save_kwargs: Any) -> None:
+    """`model.save_pretrained(target, **save_kwargs)`, each tied weight stored once.
 
     transformers writes torchao's quantized tensors as their flattened parts (`lm_head._weight_qdata`, ...),
     which its de-duplication of tied weights does not see: a tied LM head would be stored a second time
     (SmolLM2: 0.31x instead of 0.25x fp32). The copies are dropped here; `from_pretrained` ties the head
     back to the embedding as for any checkpoint without it.
     """
-    model.save_pretrained(target)
+    model.save_pretrained(target, **save_kwargs)
     tied = [
         name
         for name, source in getattr(model, "all_tied_weights_keys", {}).items()
