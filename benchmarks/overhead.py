@@ -34,6 +34,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, Trainer, TrainerCallback, TrainingArguments, get_scheduler
 
 from benchmarks.harness import TINY_BERT, TINY_LLAMA, Result
+from toolkit.adapters import adapter_settings
 from toolkit.stages import train_stage
 from toolkit.tasks import model_inputs
 from toolkit.train import compose_config
@@ -81,8 +82,8 @@ def hf_model(cfg: DictConfig, task: Any, pad_token_id: int) -> torch.nn.Module:
     else:
         model = task.auto_class.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **kwargs)
     model.config.pad_token_id = model.config.pad_token_id or pad_token_id
-    if cfg.adapter:
-        lora = OmegaConf.to_container(cfg.adapter, resolve=True)
+    lora = adapter_settings(cfg.adapter)
+    if lora:
         model = get_peft_model(model, LoraConfig(task_type=task.peft_task_type, **lora))
     return model
 

@@ -209,6 +209,23 @@ def test_lora_transfer_recipe_from_the_exported_vit(vit_run, tmp_path):
     assert metrics["majority"]["accuracy"] < 0.25  # MNIST-5k test digits are balanced
 
 
+def test_adapter_none_on_a_lora_recipe_is_full_fine_tuning(vit_run, tmp_path):
+    """The transfer recipe sets LoRA values (rank, modules_to_save) of its own; adapter=none drops them
+    (they used to reach PEFT without target_modules and fail) and trains every weight."""
+    _, vit_dir = vit_run
+    exported = vit_dir / "export" / "model"
+    overrides = ["recipe=vision/vit_lora_transfer", f"model.name_or_path={exported}", *TINY_IMAGES]
+    cfg = compose_config([*overrides, "adapter=none", "stages=[train,export]"])
+    assert cfg.adapter.r == 8 and "method" not in cfg.adapter  # the recipe's values arrive alone
+    assert run_pipeline(cfg, tmp_path) == ["train", "export"]
+    assert not (tmp_path / "export" / "adapter").exists()
+    trained = AutoModelForImageClassification.from_pretrained(tmp_path / "export" / "model")
+    start = AutoModelForImageClassification.from_pretrained(exported)
+    changed = [n for n, p in trained.named_parameters() if not torch.equal(p, start.get_parameter(n))]
+    assert "vit.layers.0.attention.q_proj.weight" in changed
+    assert len(changed) == len(list(start.parameters()))
+
+
 def test_seed_mlp_recipe_end_to_end(tmp_path):
     cfg = compose_config(["recipe=vision/mlp_mnist_seed", *TINY_IMAGES])
     assert (cfg.optim.lr, cfg.optim.momentum, cfg.data.batch_size, cfg.trainer.max_epochs) == (

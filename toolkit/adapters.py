@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
@@ -18,6 +19,20 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(
         {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
     )
+
+
+def adapter_settings(adapter: DictConfig | None) -> dict[str, Any] | None:
+    """The PEFT keys of the recipe's adapter group, or None for full fine-tuning.
+
+    Only a chosen adapter group (conf/adapter/lora.yaml, dora.yaml) carries `method`. A recipe's own
+    `adapter:` values (rank, modules_to_save) merge on top of whichever group is chosen, so with
+    `adapter=none` they arrive alone: that is still full fine-tuning, and they are ignored.
+    """
+    if not adapter or adapter.get("method") is None:
+        return None
+    settings = OmegaConf.to_container(adapter, resolve=True)
+    settings.pop("method")
+    return settings
 
 
 def apply_adapter(model: PreTrainedModel, adapter: dict[str, Any] | None, task_type: str) -> nn.Module:

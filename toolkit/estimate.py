@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.table import Table
 from transformers import AutoConfig, PretrainedConfig
 
-from toolkit.adapters import apply_adapter
+from toolkit.adapters import adapter_settings, apply_adapter
 from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.models import DTYPES
@@ -63,7 +63,7 @@ def count_states(cfg: DictConfig, task: Any, hf_config: PretrainedConfig) -> tup
     dtype = DTYPES[cfg.model.dtype]
     with torch.device("meta"):
         model = task.auto_class.from_config(hf_config, dtype=dtype)
-        adapter = OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.adapter else None
+        adapter = adapter_settings(cfg.adapter)
         model = apply_adapter(model, adapter, task.peft_task_type)
     total = sum(p.numel() for p in model.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from toolkit.adapters import adapter_settings
 from toolkit.checkpoint import atomic_write_text
 from toolkit.redaction import redact
 
@@ -146,6 +147,7 @@ def recipe_of(run_dir: Path, overrides: list[str]) -> str:
 
 
 def adapter_summary(adapter: Any) -> str:
+    adapter = adapter_settings(adapter)
     if not adapter:
         return "none (full fine-tuning)"
     kind = "DoRA" if adapter.get("use_dora") else "LoRA"

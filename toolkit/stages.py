@@ -20,7 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from toolkit.adapters import is_adapter
+from toolkit.adapters import adapter_settings, is_adapter
 from toolkit.checkpoint import (
     atomic_dir,
     atomic_write_text,
@@ -86,7 +86,7 @@ def model_kwargs(cfg: DictConfig, pad_token_id: int | None) -> dict[str, Any]:
 
 
 def build_module(cfg: DictConfig, task: Any, pad_token_id: int | None, total_steps: int = 0) -> TaskModule:
-    adapter = OmegaConf.to_container(cfg.adapter, resolve=True) if cfg.adapter else None
+    adapter = adapter_settings(cfg.adapter)
     return TaskModule(
         task,
         model=model_kwargs(cfg, pad_token_id),
