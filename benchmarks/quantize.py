@@ -118,7 +118,7 @@ def bench_model(
     if compiled_rows and not tiny:
         fp32_metrics = {k: v for k, v in rows[0].items() if not k.startswith(("latency", "size"))}
         compiled = measure(fp32, task, loader, batch, True, repeats, fp32_metrics)
-        rows.append({**rows[0], "config": "fp32 +compile", **compiled})
+        rows.append({**rows[0], **compiled, "config": "fp32 +compile"})
     return [_relative(row, rows[0], metric) for row in rows]
 
 

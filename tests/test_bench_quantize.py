@@ -24,8 +24,9 @@ def test_quantize_benchmark_tiny_publishes_figures(tmp_path):
         for config in ("int8_weight_only", "int8_dynamic", "int8_dynamic_linear_only"):
             for figure in ("size_over_fp32", "latency_over_fp32", "metric_drop"):
                 assert f"quantize.{model}.{config}.{figure}" in figures
-        # the word embeddings dominate the tiny models: quantizing them is what shrinks the files
-        assert figures[f"quantize.{model}.int8_dynamic.size_over_fp32"] < 0.65
+        # the word embeddings dominate the tiny models: quantizing them is what shrinks the files (the tiny
+        # Llama's tied LM head stored a second time made it ~0.55)
+        assert figures[f"quantize.{model}.int8_dynamic.size_over_fp32"] < 0.35
         assert figures[f"quantize.{model}.int8_dynamic_linear_only.size_over_fp32"] > 0.9
     report = next(tmp_path.glob("*.md")).read_text()
     assert "## Post-training quantization on CPU (torchao) [tiny]" in report
