@@ -1,10 +1,12 @@
-"""The issue's quality goals on the full data, run by hand (`pytest -m slow tests/test_goals.py`): minutes."""
+"""The issues' quality goals on the full data, run by hand (`pytest -m slow tests/test_goals.py`): minutes
+to most of an hour on a 2-core CPU."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from transformers import AutoConfig, AutoImageProcessor, ViTForImageClassification
 
 from toolkit.recsys import ndcg_ratio
 from toolkit.stages import run_pipeline
@@ -21,3 +23,38 @@ def test_sasrec_beats_popularity_twice_on_movielens(tmp_path):
     run_pipeline(cfg, tmp_path)
     metrics = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert ndcg_ratio(metrics) >= 2.0, metrics
+
+
+def accuracy_of(run_dir) -> float:
+    return json.loads((run_dir / "evaluate" / "metrics.json").read_text())["fine_tuned"]["accuracy"]
+
+
+@pytest.mark.slow
+def test_vit_reaches_090_on_fashion_mnist(tmp_path):
+    """Test accuracy of vision/vit_fashion_mnist as written at least 0.90.
+
+    Measured: 0.9026 (45 epochs of the 96-wide ViT, ~41 min on the 2-core CPU); the same recipe on an H200
+    gave 0.8925, so the margin is about one run-to-run spread."""
+    run_pipeline(compose_config(["recipe=vision/vit_fashion_mnist", *FAST]), tmp_path)
+    assert accuracy_of(tmp_path) >= 0.90
+
+
+@pytest.mark.slow
+def test_fashion_mnist_features_transfer_to_mnist(tmp_path):
+    """vision/vit_lora_transfer from a 3-epoch Fashion-MNIST ViT beats the same LoRA on a randomly
+    initialised ViT of the same shape on MNIST-5k: the gain is what transfers.
+
+    Measured: 0.820 vs 0.764 (+5.6 points); ~7 min on the 2-core CPU."""
+    source = tmp_path / "fashion_mnist"
+    three_epochs = ["trainer.max_epochs=3", "stages=[train,export]"]
+    run_pipeline(compose_config(["recipe=vision/vit_fashion_mnist", *FAST, *three_epochs]), source)
+    pretrained = source / "export" / "model"
+    random_init = tmp_path / "random_vit"
+    ViTForImageClassification(AutoConfig.from_pretrained(pretrained)).save_pretrained(random_init)
+    AutoImageProcessor.from_pretrained(pretrained).save_pretrained(random_init)
+    accuracy = {}
+    for name, model_dir in (("pretrained", pretrained), ("random", random_init)):
+        cfg = compose_config(["recipe=vision/vit_lora_transfer", *FAST, f"model.name_or_path={model_dir}"])
+        run_pipeline(cfg, tmp_path / name)
+        accuracy[name] = accuracy_of(tmp_path / name)
+    assert accuracy["pretrained"] >= accuracy["random"] + 0.03, accuracy
