@@ -170,8 +170,11 @@ def drop_saved_tensors(directory: Path, names: list[str]) -> None:
 
     for path in sorted(directory.glob("*.safetensors")):
         with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+            if not any(dropped(key) for key in keys):
+                continue  # a shard without them stays as written
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys() if not dropped(key)}  # noqa: SIM118 (safe_open is not iterable)
+            tensors = {key: f.get_tensor(key) for key in keys if not dropped(key)}
         metadata = {key: value for key, value in metadata.items() if key not in names}
         if "tensor_names" in metadata:  # torchao's list of the (unflattened) tensors in this file
             kept = [key for key in json.loads(metadata["tensor_names"]) if key not in names]
