@@ -16,6 +16,13 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def torch_dtype(name: str, key: str = "model.dtype") -> torch.dtype:
+    """The torch dtype a config's `key` names, or an error that lists the valid names."""
+    if name not in DTYPES:
+        raise ToolkitError(f"{key} '{name}' is not supported; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
 def build_model(
     auto_class: Any,
     name_or_path: str | None,
@@ -30,8 +37,7 @@ def build_model(
     `config` builds a randomly initialised model (tiny test models, training from scratch); `model_kwargs`
     go to both paths (e.g. num_labels for a classification head).
     """
-    if dtype not in DTYPES:
-        raise ToolkitError(f"model.dtype '{dtype}' is not supported; valid: {', '.join(DTYPES)}")
+    weights_dtype = torch_dtype(dtype)
     if trust_remote_code:
         log.warning(
             "model.trust_remote_code=true: code shipped with '%s' will run on this machine", name_or_path
@@ -42,11 +48,11 @@ def build_model(
         if "model_type" not in config:
             raise ToolkitError("model.config needs a model_type (e.g. llama, bert, gpt2, vit)")
         hf_config = AutoConfig.for_model(config.pop("model_type"), **config, **model_kwargs)
-        model = auto_class.from_config(hf_config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        model = auto_class.from_config(hf_config, dtype=weights_dtype, trust_remote_code=trust_remote_code)
     else:
         _check_source(name_or_path)
         model = auto_class.from_pretrained(
-            name_or_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **model_kwargs
+            name_or_path, dtype=weights_dtype, trust_remote_code=trust_remote_code, **model_kwargs
         )
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id  # classification heads find the last real token by it

@@ -18,7 +18,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel, TorchAoConfig
 
 from toolkit.errors import ToolkitError
-from toolkit.models import DTYPES
+from toolkit.models import torch_dtype
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt")
 
@@ -77,14 +77,9 @@ def check_quantize_config(q: Any) -> str:
     dtype, its options (a trial build of its quantization config) and its device; returns the device."""
     from hydra.utils import instantiate
 
-    check_dtype(q.dtype)
+    torch_dtype(q.dtype, "quantize.dtype")
     instantiate(q.quantization_config)(["probe"], "embedding" if q.include_embeddings else None)
     return check_device(q.name, list(q.devices), q.get("reason", "its kernels"))
-
-
-def check_dtype(dtype: str) -> None:
-    if dtype not in DTYPES:
-        raise ToolkitError(f"quantize.dtype '{dtype}' is not supported; valid: {', '.join(DTYPES)}")
 
 
 def check_device(name: str, devices: list[str], reason: str) -> str:
@@ -115,7 +110,7 @@ def quantize_model(
     linear layer, so the embedding's quantized weight serves both (save with `save_quantized`). The weights
     load in `dtype` before they are quantized (torchao's int4 layout takes bfloat16 only).
     """
-    check_dtype(dtype)
+    load_dtype = torch_dtype(dtype, "quantize.dtype")
     with torch.device("meta"):
         skeleton = auto_class.from_config(AutoConfig.from_pretrained(source))
     linears = linear_layer_names(skeleton)
@@ -131,7 +126,7 @@ def quantize_model(
         embedding = None
     config = build_config(linears, embedding)
     device_map = None if device == "cpu" else device
-    load = {"quantization_config": config, "device_map": device_map, "dtype": DTYPES[dtype]}
+    load = {"quantization_config": config, "device_map": device_map, "dtype": load_dtype}
     return auto_class.from_pretrained(source, **load).eval()
 
 
