@@ -24,7 +24,7 @@ from transformers import AutoConfig, PretrainedConfig
 from toolkit.adapters import adapter_settings, apply_adapter
 from toolkit.console import console
 from toolkit.errors import ToolkitError
-from toolkit.models import DTYPES
+from toolkit.models import torch_dtype
 
 GB = 1024**3
 # strategy -> what is sharded across ranks / what lives in CPU RAM instead of the device
@@ -60,7 +60,7 @@ def model_config(cfg: DictConfig, **model_kwargs: Any) -> PretrainedConfig:
 
 def count_states(cfg: DictConfig, task: Any, hf_config: PretrainedConfig) -> tuple[ModelStates, int, int]:
     """Build the model (and adapter) on the meta device; returns states and (total, trainable) counts."""
-    dtype = DTYPES[cfg.model.dtype]
+    dtype = torch_dtype(cfg.model.dtype)
     with torch.device("meta"):
         model = task.auto_class.from_config(hf_config, dtype=dtype)
         adapter = adapter_settings(cfg.adapter)
