@@ -21,7 +21,7 @@ from typing import Any
 from hydra.utils import instantiate
 
 from benchmarks.harness import TINY_LLAMA, Result
-from benchmarks.overhead import job_config, run_toolkit, step_times
+from benchmarks.overhead import job_config, run_toolkit
 
 RECIPE = [
     "recipe=nlp/smollm2_lora_sft",
@@ -71,7 +71,7 @@ def main(tiny: bool = False) -> Result:
     for _ in range(reps):
         for arm, arm_overrides in overrides.items():
             with tempfile.TemporaryDirectory() as tmp:
-                durations = step_times(run_toolkit(arm_overrides, steps, Path(tmp)), warmup)
+                durations, _ = run_toolkit(arm_overrides, steps, Path(tmp)).timed(warmup)
             seconds[arm] += sum(durations)
             real[arm] += sum(r for r, _ in tokens[arm][warmup + 1 : warmup + 1 + len(durations)])
     fractions = {arm: nonpad_fraction(t) for arm, t in tokens.items()}

@@ -124,7 +124,7 @@ def test_preempted_job_requeues_and_ends_with_the_same_weights(tmp_path):
         "trainer.max_steps=300",
         "trainer.max_epochs=100",
         "checkpoint.every_n_train_steps=5",
-        "trainer.log_every_n_steps=1",  # the signal may come at step 5: the first job must have logged by then
+        "trainer.log_every_n_steps=1",  # the signal may come at step 5: the first job has logged by then
         "logger=wandb",
         "stages=[train]",
     ]

@@ -94,13 +94,24 @@ class ResourceReport(L.Callback):
         (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
+def batch_tokens(batch: Any) -> int:
+    """Tokens a batch holds: its attention mask's ones, else its input ids (0 for batches without either)."""
+    if isinstance(batch, dict) and "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    if isinstance(batch, dict) and "input_ids" in batch:
+        return batch["input_ids"].numel()
+    return 0
+
+
 class StepClock(L.Callback):
     """Records when each training step ends and when the first one starts (perf_counter; and Unix time, to
-    compare with a launch time in another process)."""
+    compare with a launch time in another process), and each step's tokens (non-padding ones where the batch
+    has an attention mask)."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
         self.ends: list[float] = []
+        self.tokens: list[int] = []
         self.first_start: float | None = None
         self.first_start_perf: float | None = None
 
@@ -108,13 +119,17 @@ class StepClock(L.Callback):
         if self.first_start is None:
             self.first_start, self.first_start_perf = time.time(), time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, *args: Any
+    ) -> None:
         self.ends.append(time.perf_counter())
+        self.tokens.append(batch_tokens(batch))
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         timing = {
             "first_start": self.first_start,
             "first_start_perf": self.first_start_perf,
             "ends": self.ends,
+            "tokens": self.tokens,
         }
         self.path.write_text(json.dumps(timing))
