@@ -1,25 +1,18 @@
-"""Overhead: the toolkit against a plain PyTorch loop and `transformers.Trainer`, in two settings.
+"""Overhead at identical settings: the toolkit against a plain PyTorch loop and `transformers.Trainer`.
 
-Both settings: the same model, data, batch size, precision (fp32), optimizer (AdamW, cosine schedule with
+The same model, data, batch, padding (every batch padded to max_length, so batch order cannot change the
+work), precision (fp32), optimizer (fused AdamW: the Trainer's default and the toolkit's; cosine schedule with
 warmup, gradient clipping at 1.0), threads and number of steps, run three ways in one process, in the order
 ABCABC...:
   toolkit  -- `toolkit.stages.train_stage`, the code path of `toolkit-train` (Lightning, its progress bar, a
               CSV logger every 10 steps, checkpoint at the end);
-  plain    -- a hand-written loop over the toolkit's own data loader (same sampler and collate function):
-              forward, backward, clip, step, zero_grad, the loss read every 10 steps;
+  plain    -- a hand-written loop over the toolkit's own data loader (same sampler and collate function) and
+              optimizer: forward, backward, clip, step, zero_grad, the loss read every 10 steps;
   trainer  -- `transformers.Trainer` with the same hyperparameters, its progress bar, logging every 10 steps,
               no saving.
-Settings:
-  defaults   -- the headline figures: each side batches as it recommends. The toolkit (and the plain loop,
-                which shares its loader) pads each batch to its longest example and groups similar lengths
-                (`data.group_by_length=true`); the Trainer pads to the longest example over randomly shuffled
-                examples (its default sampler; `DataCollatorWithPadding` behaviour). Batches differ in work,
-                so the ratios are of mean step time (time per example), and tokens/s counts real tokens.
-  equal_work -- every batch padded to max_length 32 in random order for all three, so the work per step is
-                identical and the ratios (of median step time) isolate each side's own overhead
-                (`overhead.<model>.equal_work.*`).
-Step time is the wall time between consecutive step ends (data loading, logging and progress bar included).
-Startup (command to first step) is a separate `toolkit-train`.
+Step time is the wall time between consecutive step ends (data loading, logging and progress bar included),
+median over the timed steps of all repetitions. Each side at its own recommended defaults is the `defaults`
+benchmark. Startup (command to first step) is a separate `toolkit-train`.
 
     python -m benchmarks --only overhead
 """
@@ -51,20 +44,18 @@ from toolkit.tasks import model_inputs
 from toolkit.train import compose_config
 
 COMMON = [
+    "data.padding=max_length",
+    "data.group_by_length=false",
     "trainer.limit_val_batches=0",
     "trainer.log_every_n_steps=10",
     "trainer.accelerator=cpu",
     "logger=csv",
     "stages=[train]",
 ]
-SETTINGS = {
-    "defaults": [],  # the recipe's own batching: padding=longest, group_by_length=true, its max_length
-    "equal_work": ["data.padding=max_length", "data.group_by_length=false", "data.max_length=32"],
-}
 MODELS = {
-    # small batches: the 2-core machine this was sized for takes seconds per step
-    "minilm": ["recipe=quickstart", "data.batch_size=16"],
-    "smollm2_lora": ["recipe=nlp/smollm2_lora_sft", "data.batch_size=4"],
+    # short sequences and small batches: the 2-core machine this was sized for takes seconds per step
+    "minilm": ["recipe=quickstart", "data.max_length=32", "data.batch_size=16"],
+    "smollm2_lora": ["recipe=nlp/smollm2_lora_sft", "data.max_length=32", "data.batch_size=4"],
 }
 TINY_DATA = ["data.max_length=16", "data.batch_size=4", "data.max_train_examples=64"]
 TINY = {"minilm": [TINY_BERT, *TINY_DATA], "smollm2_lora": [TINY_LLAMA, *TINY_DATA]}
@@ -137,9 +128,7 @@ def run_plain(cfg: DictConfig, data: Any, task: Any, steps: int) -> Clock:
     L.seed_everything(cfg.seed)
     model = hf_model(cfg, task, data.tokenizer.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=tuple(cfg.optim.betas)
-    )
+    optimizer = instantiate(cfg.optim)(params)  # the recipe's optimizer, as the toolkit builds it
     scheduler = get_scheduler("cosine", optimizer, cfg.scheduler.num_warmup_steps, steps)
     model.train()
     clock, last_loss = Clock([], []), None
@@ -200,8 +189,8 @@ def run_trainer(cfg: DictConfig, data: Any, task: Any, steps: int, workdir: Path
     return Clock(clock.ends, tokens)
 
 
-def compare(name: str, setting: str, tiny: bool, steps: int, reps: int) -> dict[str, list[Clock]]:
-    overrides = [*MODELS[name], *COMMON, *SETTINGS[setting], *(TINY[name] if tiny else [])]
+def compare(name: str, tiny: bool, steps: int, reps: int) -> dict[str, list[Clock]]:
+    overrides = [*MODELS[name], *COMMON, *(TINY[name] if tiny else [])]
     cfg = job_config(overrides)
     data, task = instantiate(cfg.data), instantiate(cfg.task)
     data.setup("fit")
@@ -215,7 +204,7 @@ def compare(name: str, setting: str, tiny: bool, steps: int, reps: int) -> dict[
 
 
 def summarize(clocks: list[Clock], warmup: int) -> dict[str, float]:
-    """Median and mean step time and tokens/s over every repetition's timed steps."""
+    """Median step time and tokens/s over every repetition's timed steps."""
     durations, tokens = [], 0
     for clock in clocks:
         timed, timed_tokens = clock.timed(warmup)
@@ -223,7 +212,6 @@ def summarize(clocks: list[Clock], warmup: int) -> dict[str, float]:
         tokens += timed_tokens
     return {
         "median": statistics.median(durations),
-        "mean": statistics.fmean(durations),
         "tokens/s": tokens / sum(durations),
         "steps": len(durations),
     }
@@ -251,57 +239,44 @@ def seconds_to_first_step(tiny: bool) -> float:
 
 
 def main(tiny: bool = False) -> Result:
-    steps, reps, warmup = (3, 1, 1) if tiny else (25, 3, 5)  # 57 timed steps per variant, model and setting
+    steps, reps, warmup = (3, 1, 1) if tiny else (25, 3, 5)  # 57 timed steps per variant and model
     rows, figures = [], {}
-    for setting in SETTINGS:
-        statistic = "mean" if setting == "defaults" else "median"
-        prefix = "" if setting == "defaults" else f"{setting}."
-        for name in MODELS:
-            clocks = compare(name, setting, tiny, steps, reps)
-            stats = {variant: summarize(runs, warmup) for variant, runs in clocks.items()}
-            plain, trainer = stats["plain"][statistic], stats["trainer"][statistic]
-            figures[f"overhead.{name}.{prefix}toolkit_over_plain"] = stats["toolkit"][statistic] / plain
-            figures[f"overhead.{name}.{prefix}toolkit_over_trainer"] = stats["toolkit"][statistic] / trainer
-            for variant, stat in stats.items():
-                rows.append(
-                    {
-                        "model": name,
-                        "setting": setting,
-                        "variant": variant,
-                        "median step s": stat["median"],
-                        "mean step s": stat["mean"],
-                        "tokens/s": stat["tokens/s"],
-                        "over plain": stat[statistic] / plain,
-                        "over trainer": stat[statistic] / trainer,
-                        "steps timed": stat["steps"],
-                    }
-                )
+    for name in MODELS:
+        stats = {v: summarize(runs, warmup) for v, runs in compare(name, tiny, steps, reps).items()}
+        plain, trainer = stats["plain"]["median"], stats["trainer"]["median"]
+        figures[f"overhead.{name}.toolkit_over_plain"] = stats["toolkit"]["median"] / plain
+        figures[f"overhead.{name}.toolkit_over_trainer"] = stats["toolkit"]["median"] / trainer
+        for variant, stat in stats.items():
+            rows.append(
+                {
+                    "model": name,
+                    "variant": variant,
+                    "median step s": stat["median"],
+                    "tokens/s": stat["tokens/s"],
+                    "over plain": stat["median"] / plain,
+                    "over trainer": stat["median"] / trainer,
+                    "steps timed": stat["steps"],
+                }
+            )
     figures["startup.seconds_to_first_step"] = seconds_to_first_step(tiny)
     rows.append(
         {
             "model": "minilm",
-            "setting": "defaults",
             "variant": "startup: launch to first step s",
             "median step s": figures["startup.seconds_to_first_step"],
-            **dict.fromkeys(("mean step s", "tokens/s", "over plain", "over trainer", "steps timed"), ""),
+            **dict.fromkeys(("tokens/s", "over plain", "over trainer", "steps timed"), ""),
         }
     )
     command = (
-        "per model and setting: {toolkit-train | plain loop | transformers.Trainer} with "
+        f"per model: {{toolkit-train | plain loop | transformers.Trainer}} with "
         f"{' '.join(COMMON)} trainer.max_steps={steps}; "
         + "; ".join(f"{name}: {' '.join(args)}" for name, args in MODELS.items())
-        + "; "
-        + "; ".join(
-            f"{setting}: {' '.join(args) or '(recipe data settings)'}" for setting, args in SETTINGS.items()
-        )
     )
     notes = (
-        f"Order toolkit, plain, trainer repeated {reps}x in one process per model and setting; {steps} steps "
-        f"each, the first {warmup} untimed. fp32, {torch.get_num_threads()} torch threads, AdamW + cosine "
-        "warmup, clip 1.0. Ratios: mean step time in the `defaults` setting (the toolkit's length-grouped "
-        "batches against the Trainer's shuffled ones: different work per step, same examples per step), "
-        "median step time in `equal_work` (every batch padded to 32 tokens). tokens/s counts non-padding "
-        "tokens. Startup: `toolkit-train recipe=quickstart trainer.max_steps=2 stages=[train]` (W&B offline "
-        "logger) from launch to the first step's start, one run."
+        f"Order toolkit, plain, trainer repeated {reps}x in one process; {steps} steps each, the first "
+        f"{warmup} untimed. fp32, {torch.get_num_threads()} torch threads, fused AdamW + cosine warmup, clip "
+        "1.0, every batch padded to max_length (tokens/s counts the non-padding tokens). "
+        "Startup: `toolkit-train recipe=quickstart trainer.max_steps=2 stages=[train]` (W&B offline logger) "
+        "from launch to the first step's start, one run."
     )
     return Result("Overhead: toolkit vs plain loop vs transformers.Trainer", command, rows, figures, notes)

@@ -35,7 +35,7 @@ def test_strategies_benchmark_publishes_its_table_and_ratios(tmp_path):
 def test_performance_benchmarks_publish_their_tables_and_figures(tmp_path):
     report, figures = run_benchmark("overhead packing memory data_cache defaults", tmp_path)
     headers = (
-        "| model | setting | variant |",
+        "| model | variant |",
         "| arm | rows in epoch |",
         "| arm | peak RSS GiB |",
         "| data |",
@@ -45,13 +45,10 @@ def test_performance_benchmarks_publish_their_tables_and_figures(tmp_path):
         assert header in report
     for model in ("minilm", "smollm2_lora"):
         for variant in ("toolkit", "plain", "trainer"):
-            assert f"| {model} | defaults | {variant} |" in report
+            assert f"| {model} | {variant} |" in report
     for name in ("minilm", "smollm2_lora"):
-        for setting in ("", "equal_work."):
-            assert figures[f"overhead.{name}.{setting}toolkit_over_plain"] > 0
-            assert figures[f"overhead.{name}.{setting}toolkit_over_trainer"] > 0
-    for setting in ("defaults", "equal_work"):
-        assert f"| minilm | {setting} | toolkit |" in report
+        assert figures[f"overhead.{name}.toolkit_over_plain"] > 0
+        assert figures[f"overhead.{name}.toolkit_over_trainer"] > 0
     assert figures["startup.seconds_to_first_step"] > 0
     assert 0 < figures["packing.padded_nonpad_fraction"] <= 1 and 0 < figures["packing.nonpad_fraction"] <= 1
     # LoRA keeps no gradients or AdamW states for the frozen base: far fewer tensor bytes than full tuning
@@ -62,10 +59,10 @@ def test_performance_benchmarks_publish_their_tables_and_figures(tmp_path):
 
 
 def test_overhead_plain_loop_sees_the_toolkits_batches():
-    """toolkit/plain compares equal work only if both draw the same batches (length-grouped by default)."""
+    """toolkit/plain compares equal work only if both draw the same batches."""
     from benchmarks.overhead import compare
 
-    clocks = compare("minilm", "defaults", tiny=True, steps=4, reps=1)
+    clocks = compare("minilm", tiny=True, steps=4, reps=1)
     toolkit, plain, trainer = clocks["toolkit"][0], clocks["plain"][0], clocks["trainer"][0]
     assert len(toolkit.tokens) == len(plain.tokens) == len(trainer.tokens[:4]) == 4
     assert toolkit.tokens == plain.tokens and all(t > 0 for t in toolkit.tokens)
