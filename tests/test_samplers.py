@@ -1,4 +1,5 @@
-"""Length-grouped sampling: a seeded permutation, sorted within windows, resumable mid-epoch."""
+"""Length-grouped sampling: a seeded permutation, batches of similar lengths in shuffled order, resumable
+mid-epoch."""
 
 from __future__ import annotations
 
@@ -6,23 +7,49 @@ import random
 
 from toolkit.samplers import LengthGroupedSampler, ResumableSampler
 
-LENGTHS = [random.Random(0).randint(1, 64) for _ in range(100)]
+_RNG = random.Random(0)
+LENGTHS = [_RNG.randint(1, 64) for _ in range(100)]  # (one generator: a fresh one per item gave all 50s)
 
 
 def sampler(epoch: int = 0, rank: int = 0, world: int = 1) -> LengthGroupedSampler:
-    s = LengthGroupedSampler(list(range(100)), LENGTHS, window=20, num_replicas=world, rank=rank, seed=3)
+    s = LengthGroupedSampler(
+        list(range(100)), LENGTHS, window=20, batch_size=5, num_replicas=world, rank=rank, seed=3
+    )
     s.set_epoch(epoch)
     return s
 
 
-def test_each_epoch_is_a_seeded_permutation_sorted_within_windows():
+def test_each_epoch_is_a_seeded_permutation_of_length_sorted_batches_in_shuffled_order():
     order = list(sampler())
     assert sorted(order) == list(range(100))
     assert order == list(sampler()), "same seed and epoch, same order"
     assert order != list(sampler(epoch=1))
+    monotone_windows = 0
     for start in range(0, 100, 20):
         window = [LENGTHS[i] for i in order[start : start + 20]]
-        assert window == sorted(window, reverse=True)
+        batches = [window[b : b + 5] for b in range(0, 20, 5)]
+        # each batch is a slice of the window sorted by length: similar lengths, little padding
+        by_length = sorted(batches, key=lambda batch: -batch[0])
+        assert [n for batch in by_length for n in batch] == sorted(window, reverse=True)
+        monotone_windows += batches == by_length
+    assert monotone_windows < 5, "batches run longest to shortest in every window: not shuffled"
+    first_window = [LENGTHS[i] for i in order[:20]]
+    assert LENGTHS[order[0]] == max(first_window), "the longest batch comes first (out-of-memory at once)"
+
+
+def test_a_short_last_batch_stays_last():
+    s = LengthGroupedSampler(
+        list(range(23)), LENGTHS[:23], window=20, batch_size=5, num_replicas=1, rank=0, seed=3
+    )
+    for epoch in range(5):
+        s.set_epoch(epoch)
+        order = list(s)
+        assert sorted(order) == list(range(23))
+        window = [LENGTHS[i] for i in order[:20]]
+        batches = [window[b : b + 5] for b in range(0, 20, 5)]
+        assert [n for batch in sorted(batches, key=lambda b: -b[0]) for n in batch] == sorted(
+            window, reverse=True
+        )
 
 
 def test_ranks_split_the_data_without_overlap():

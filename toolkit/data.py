@@ -194,6 +194,7 @@ class _HFData(L.LightningDataModule):
                 dataset,
                 lengths,
                 self.batch_size * LENGTH_GROUP_BATCHES,
+                self.batch_size,
                 num_replicas=world,
                 rank=rank,
                 seed=self.seed,
