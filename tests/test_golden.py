@@ -25,7 +25,7 @@ PARITY = [
 ]
 # First 5 training losses of the seeded tiny classification run (the classifier_run fixture). A change here
 # means the numerics changed: find out why before updating these values.
-GOLDEN = [0.7052695155143738, 0.6932390928268433, 0.6894721984863281, 0.6893506646156311, 0.6940104365348816]
+GOLDEN = [0.7052695155143738, 0.6895725727081299, 0.6951513290405273, 0.7022160291671753, 0.6933748722076416]
 
 
 def logged_losses(run_dir) -> list[float]:
