@@ -1,9 +1,9 @@
 """Overhead at identical settings: the toolkit against a plain PyTorch loop and `transformers.Trainer`.
 
 The same model, data, batch, padding (every batch padded to max_length, so batch order cannot change the
-work), precision (fp32), optimizer (fused AdamW: the Trainer's default and the toolkit's; cosine schedule with
-warmup, gradient clipping at 1.0), threads and number of steps, run three ways in one process, in the order
-ABCABC...:
+work), precision (fp32), optimizer (AdamW: the recipe's for toolkit and plain loop, the Trainer's default
+`adamw_torch_fused` for the Trainer; cosine schedule with warmup, gradient clipping at 1.0), threads and
+number of steps, run three ways in one process, in the order ABCABC...:
   toolkit  -- `toolkit.stages.train_stage`, the code path of `toolkit-train` (Lightning, its progress bar, a
               CSV logger every 10 steps, checkpoint at the end);
   plain    -- a hand-written loop over the toolkit's own data loader (same sampler and collate function) and
@@ -274,7 +274,7 @@ def main(tiny: bool = False) -> Result:
     )
     notes = (
         f"Order toolkit, plain, trainer repeated {reps}x in one process; {steps} steps each, the first "
-        f"{warmup} untimed. fp32, {torch.get_num_threads()} torch threads, fused AdamW + cosine warmup, clip "
+        f"{warmup} untimed. fp32, {torch.get_num_threads()} torch threads, AdamW + cosine warmup, clip "
         "1.0, every batch padded to max_length (tokens/s counts the non-padding tokens). "
         "Startup: `toolkit-train recipe=quickstart trainer.max_steps=2 stages=[train]` (W&B offline logger) "
         "from launch to the first step's start, one run."
