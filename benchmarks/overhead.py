@@ -1,9 +1,9 @@
 """Overhead at identical settings: the toolkit against a plain PyTorch loop and `transformers.Trainer`.
 
 The same model, data, batch, padding (every batch padded to max_length, so batch order cannot change the
-work), precision (fp32), optimizer (AdamW: the recipe's for toolkit and plain loop, the Trainer's default
-`adamw_torch_fused` for the Trainer; cosine schedule with warmup, gradient clipping at 1.0), threads and
-number of steps, run three ways in one process, in the order ABCABC...:
+work), precision (fp32), optimizer (fused AdamW: the recipe's `fused: null` is fused in fp32, for toolkit and
+plain loop; `adamw_torch_fused` is the Trainer's default; cosine schedule with warmup, gradient clipping at
+1.0), threads and number of steps, run three ways in one process, in rotated order ABC BCA CAB:
   toolkit  -- `toolkit.stages.train_stage`, the code path of `toolkit-train` (Lightning, its progress bar, a
               CSV logger every 10 steps, checkpoint at the end);
   plain    -- a hand-written loop over the toolkit's own data loader (same sampler and collate function) and
@@ -38,6 +38,7 @@ from transformers import AutoConfig, Trainer, TrainerCallback, TrainingArguments
 
 from benchmarks.harness import TINY_BERT, TINY_LLAMA, Result
 from toolkit.adapters import adapter_settings
+from toolkit.module import build_optimizer
 from toolkit.resources import batch_tokens
 from toolkit.stages import train_stage
 from toolkit.tasks import model_inputs
@@ -128,7 +129,9 @@ def run_plain(cfg: DictConfig, data: Any, task: Any, steps: int) -> Clock:
     L.seed_everything(cfg.seed)
     model = hf_model(cfg, task, data.tokenizer.pad_token_id)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = instantiate(cfg.optim)(params)  # the recipe's optimizer, as the toolkit builds it
+    # the recipe's optimizer, built as the toolkit builds it (fused where Lightning allows)
+    precision, clip = cfg.trainer.precision, cfg.trainer.gradient_clip_val
+    optimizer = build_optimizer(instantiate(cfg.optim), params, precision, clip)
     scheduler = get_scheduler("cosine", optimizer, cfg.scheduler.num_warmup_steps, steps)
     model.train()
     clock, last_loss = Clock([], []), None
@@ -194,12 +197,19 @@ def compare(name: str, tiny: bool, steps: int, reps: int) -> dict[str, list[Cloc
     cfg = job_config(overrides)
     data, task = instantiate(cfg.data), instantiate(cfg.task)
     data.setup("fit")
-    clocks: dict[str, list[Clock]] = {"toolkit": [], "plain": [], "trainer": []}
-    for _ in range(reps):
-        with tempfile.TemporaryDirectory() as tmp:
-            clocks["toolkit"].append(run_toolkit(overrides, steps, Path(tmp)))
-            clocks["plain"].append(run_plain(cfg, data, task, steps))
-            clocks["trainer"].append(run_trainer(cfg, data, task, steps, Path(tmp)))
+    runs = {
+        "toolkit": lambda tmp: run_toolkit(overrides, steps, tmp),
+        "plain": lambda tmp: run_plain(cfg, data, task, steps),
+        "trainer": lambda tmp: run_trainer(cfg, data, task, steps, tmp),
+    }
+    names = list(runs)
+    clocks: dict[str, list[Clock]] = {name: [] for name in names}
+    for rep in range(reps):
+        # rotated order (ABC, BCA, CAB, ...): over 3 repetitions each side runs once in each position, so
+        # whatever running first or last does to a side (warm caches, allocator state) cancels out
+        for name in names[rep % 3 :] + names[: rep % 3]:
+            with tempfile.TemporaryDirectory() as tmp:
+                clocks[name].append(runs[name](Path(tmp)))
     return clocks
 
 
@@ -273,8 +283,9 @@ def main(tiny: bool = False) -> Result:
         + "; ".join(f"{name}: {' '.join(args)}" for name, args in MODELS.items())
     )
     notes = (
-        f"Order toolkit, plain, trainer repeated {reps}x in one process; {steps} steps each, the first "
-        f"{warmup} untimed. fp32, {torch.get_num_threads()} torch threads, AdamW + cosine warmup, clip "
+        f"{reps} repetitions in one process, order rotated (toolkit plain trainer, plain trainer toolkit, "
+        f"trainer toolkit plain); {steps} steps each, the first "
+        f"{warmup} untimed. fp32, {torch.get_num_threads()} torch threads, fused AdamW + cosine warmup, clip "
         "1.0, every batch padded to max_length (tokens/s counts the non-padding tokens). "
         "Startup: `toolkit-train recipe=quickstart trainer.max_steps=2 stages=[train]` (W&B offline logger) "
         "from launch to the first step's start, one run."

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import lightning as L
 import pandas as pd
+import pytest
 import torch
 from hydra.utils import instantiate
 
+from toolkit.module import build_optimizer
 from toolkit.stages import build_data_and_task, build_module, run_pipeline
 
 from .conftest import TINY_CLASSIFIER, compose_config
@@ -69,3 +71,38 @@ def test_toolkit_losses_equal_a_hand_written_loop(tmp_path):
     assert len(toolkit) == 6
     torch.testing.assert_close(toolkit, hand_written_losses(cfg, 6), rtol=1e-5, atol=1e-6)
     # lr 0.5 makes every update visible in the next loss: a step skipped or doubled would not match
+
+
+@pytest.mark.parametrize(
+    ("precision", "clip", "fused"),
+    [
+        ("32-true", 1.0, True),
+        ("bf16-true", 1.0, True),
+        ("bf16-mixed", None, True),
+        ("bf16-mixed", 1.0, False),
+        ("16-mixed", 1.0, False),
+    ],
+)
+def test_adamw_is_fused_wherever_lightning_takes_it(precision, clip, fused):
+    """Lightning's mixed-precision plugins refuse clipping with an optimizer that unscales its gradients."""
+    cfg = compose_config(TINY_CLASSIFIER)
+    assert cfg.optim.fused is None
+    params = [torch.nn.Parameter(torch.ones(3))]
+    assert build_optimizer(instantiate(cfg.optim), params, precision, clip).defaults["fused"] is fused
+    explicit = compose_config([*TINY_CLASSIFIER, "optim.fused=false"])
+    assert not build_optimizer(instantiate(explicit.optim), params, precision, clip).defaults["fused"]
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_default_loop():
+    torch.manual_seed(0)
+    start, grads = torch.randn(4, 8), [torch.randn(4, 8) for _ in range(5)]
+    weights = {}
+    for fused in (False, True):
+        param = torch.nn.Parameter(start.clone())
+        optimizer = torch.optim.AdamW([param], lr=0.1, weight_decay=0.01, fused=fused)
+        for grad in grads:
+            param.grad = grad.clone()
+            optimizer.step()
+        weights[fused] = param.detach()
+    assert not torch.equal(weights[True], start)
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)

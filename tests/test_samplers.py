@@ -13,7 +13,7 @@ LENGTHS = [_RNG.randint(1, 64) for _ in range(100)]  # (one generator: a fresh o
 
 def sampler(epoch: int = 0, rank: int = 0, world: int = 1) -> LengthGroupedSampler:
     s = LengthGroupedSampler(
-        list(range(100)), LENGTHS, window=20, batch_size=5, num_replicas=world, rank=rank, seed=3
+        list(range(100)), LENGTHS, batch_size=5, batches_per_window=4, num_replicas=world, rank=rank, seed=3
     )
     s.set_epoch(epoch)
     return s
@@ -39,7 +39,7 @@ def test_each_epoch_is_a_seeded_permutation_of_length_sorted_batches_in_shuffled
 
 def test_a_short_last_batch_stays_last():
     s = LengthGroupedSampler(
-        list(range(23)), LENGTHS[:23], window=20, batch_size=5, num_replicas=1, rank=0, seed=3
+        list(range(23)), LENGTHS[:23], batch_size=5, batches_per_window=4, num_replicas=1, rank=0, seed=3
     )
     for epoch in range(5):
         s.set_epoch(epoch)

@@ -193,8 +193,8 @@ class _HFData(L.LightningDataModule):
             sampler = LengthGroupedSampler(
                 dataset,
                 lengths,
-                self.batch_size * LENGTH_GROUP_BATCHES,
                 self.batch_size,
+                LENGTH_GROUP_BATCHES,
                 num_replicas=world,
                 rank=rank,
                 seed=self.seed,

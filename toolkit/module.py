@@ -6,6 +6,7 @@ from the model's output, logs the task's torchmetrics, and gets its optimizer an
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,20 @@ from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.models import build_model
 from toolkit.tasks import compute_metrics, model_inputs
+
+
+def build_optimizer(
+    factory: Callable[..., torch.optim.Optimizer], params: list[torch.nn.Parameter], precision: Any, clip: Any
+) -> torch.optim.Optimizer:
+    """The recipe's optimizer; `fused: null` in its config means fused kernels wherever Lightning takes them.
+
+    A fused AdamW is one kernel per step instead of torch's per-tensor loop (on CPU ~3x cheaper). Lightning's
+    mixed-precision plugins refuse gradient clipping with an optimizer that unscales its own gradients, which
+    fused AdamW declares, even under bf16 where nothing is scaled: there the non-fused default is used.
+    """
+    if getattr(factory, "keywords", {}).get("fused", False) is None:
+        factory = functools.partial(factory, fused=not ("mixed" in str(precision) and bool(clip)))
+    return factory(params)
 
 
 class TaskModule(L.LightningModule):
@@ -139,7 +154,8 @@ class TaskModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = self.optimizer_factory(params)
+        clip = self.trainer.gradient_clip_val
+        optimizer = build_optimizer(self.optimizer_factory, params, self.trainer.precision, clip)
         if self.scheduler_factory is None:
             return optimizer
         # total_steps comes from the data length: asking the trainer (estimated_stepping_batches) would set up

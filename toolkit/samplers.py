@@ -37,8 +37,8 @@ class ResumableSampler(StatefulDistributedSampler):
 
 
 class _LengthGroupedOrder(DistributedSampler):
-    """This rank's shuffled indices, sorted by length within windows of `window` examples, cut into batches
-    of `batch_size` whose order is then shuffled within the window.
+    """This rank's shuffled indices, sorted by length within windows of `batches_per_window` batches, cut into
+    batches of `batch_size` whose order is then shuffled within the window.
 
     Batches cut from a sorted window hold similar lengths, so dynamic padding pads little. Without the batch
     shuffle each window would run from its longest batch to its shortest, a sawtooth over the epoch
@@ -47,10 +47,11 @@ class _LengthGroupedOrder(DistributedSampler):
     """
 
     def __init__(
-        self, dataset: Dataset, lengths: Sequence[int], window: int, batch_size: int, **kwargs
+        self, dataset: Dataset, lengths: Sequence[int], batch_size: int, batches_per_window: int, **kwargs
     ) -> None:
         super().__init__(dataset, **kwargs)
-        self.lengths, self.window, self.batch_size = lengths, window, batch_size
+        self.lengths, self.batch_size = lengths, batch_size
+        self.window = batch_size * batches_per_window  # whole batches: only the epoch's last one can be short
 
     def __iter__(self) -> Iterator[int]:
         indices = list(super().__iter__())
@@ -75,8 +76,8 @@ class LengthGroupedSampler(ResumableSampler, _LengthGroupedOrder):
         self,
         dataset: Dataset,
         lengths: Sequence[int],
-        window: int,
         batch_size: int,
+        batches_per_window: int,
         num_replicas: int,
         rank: int,
         seed: int,
@@ -85,8 +86,8 @@ class LengthGroupedSampler(ResumableSampler, _LengthGroupedOrder):
             self,
             dataset,
             lengths,
-            window,
             batch_size,
+            batches_per_window,
             num_replicas=num_replicas,
             rank=rank,
             shuffle=True,
