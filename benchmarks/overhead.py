@@ -207,7 +207,7 @@ def compare(name: str, tiny: bool, steps: int, reps: int) -> dict[str, list[Cloc
     for rep in range(reps):
         # rotated order (ABC, BCA, CAB, ...): over 3 repetitions each side runs once in each position, so
         # whatever running first or last does to a side (warm caches, allocator state) cancels out
-        for name in names[rep % 3 :] + names[: rep % 3]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             with tempfile.TemporaryDirectory() as tmp:
                 clocks[name].append(runs[name](Path(tmp)))
     return clocks
