@@ -59,6 +59,6 @@ class DistillModule(TaskModule):
             teacher_logits = self._teacher[0](**model_inputs(batch)).logits
         soft = distillation_loss(outputs.logits, teacher_logits, batch["labels"], self.temperature)
         loss = self.alpha * soft + (1 - self.alpha) * outputs.loss
-        size = batch["input_ids"].shape[0]
+        size = batch["labels"].shape[0]
         self.log_dict({"train/loss": loss, "train/soft_loss": soft}, prog_bar=True, batch_size=size)
         return loss

@@ -39,6 +39,10 @@ class MLPForImageClassification(PreTrainedModel):
         if isinstance(module, nn.Linear):
             module.reset_parameters()
 
+    def get_input_embeddings(self) -> None:
+        """None: the input is pixels, there is no token embedding (transformers asks when quantizing)."""
+        return None
+
     def forward(
         self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
     ) -> ImageClassifierOutput:

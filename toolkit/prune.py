@@ -16,13 +16,13 @@ from toolkit.errors import ToolkitError
 
 def body_linears(model: PreTrainedModel) -> list[tuple[str, torch.nn.Linear]]:
     """Linear layers inside the model's base (e.g. `bert.`, `model.`): task heads (classifier, LM head) are
-    left alone, since zeroing rows of a 2-way classifier removes a class."""
-    prefix = f"{model.base_model_prefix}."
-    return [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.startswith(prefix)
-    ]
+    left alone, since zeroing rows of a 2-way classifier removes a class. A model without a separate base
+    (the seed MLP) keeps its `classifier`."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    prefix = model.base_model_prefix
+    if prefix and hasattr(model, prefix):
+        return [(name, module) for name, module in linears if name.startswith(f"{prefix}.")]
+    return [(name, module) for name, module in linears if module is not getattr(model, "classifier", None)]
 
 
 def prune_model(model: PreTrainedModel, amount: float, structured: bool = False) -> dict[str, float]:

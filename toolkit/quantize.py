@@ -31,7 +31,11 @@ def linear_layer_names(model: torch.nn.Module) -> list[str]:
 def embedding_names(model: PreTrainedModel) -> tuple[str | None, str | None]:
     """Module names of the input word embedding and of the output embedding (LM head), None where absent."""
     modules = {id(module): name for name, module in model.named_modules()}
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    try:
+        inputs = model.get_input_embeddings()
+    except NotImplementedError:  # a model over pixels or features (the seed MLP) has no token embedding
+        inputs = None
+    outputs = model.get_output_embeddings()
     return (
         modules.get(id(inputs)) if inputs is not None else None,
         modules.get(id(outputs)) if outputs is not None else None,

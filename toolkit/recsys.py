@@ -207,7 +207,7 @@ class SequentialRecData(SplitLoaders):
     def model_config(self) -> dict[str, int]:
         """Config keys the model takes from the data: the vocabulary and its special ids."""
         self.setup()
-        # GPT2Config's bos/eos default to 50256, outside an item vocabulary; the models never emit them.
+        # GPTBigCodeConfig's bos/eos default to 50256, outside an item vocabulary; the models never emit them.
         return {"vocab_size": self.vocab.size, "bos_token_id": PAD, "eos_token_id": PAD}
 
     def popularity(self) -> torch.Tensor:
