@@ -35,7 +35,8 @@ PRIMARY = {"vit": "accuracy", "mlp": "accuracy", "sasrec": "ndcg@10", "bert4rec"
 def task_run(request, tmp_path_factory):
     """(name, cfg, run directory) of one tiny trained and exported run per task."""
     run_dir = tmp_path_factory.mktemp(f"{request.param}_run")
-    cfg = compose_config([*TASKS[request.param], "stages=[train,export]", "distill.student.num_hidden_layers=1"])
+    student = "distill.student.num_hidden_layers=1"
+    cfg = compose_config([*TASKS[request.param], "stages=[train,export]", student])
     assert run_pipeline(cfg, run_dir) == ["train", "export"]
     return request.param, cfg, run_dir
 
