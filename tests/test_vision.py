@@ -62,7 +62,7 @@ def test_image_size_or_channel_mismatch_says_what_was_expected(tmp_path):
     with pytest.raises(ToolkitError) as err:
         data.setup()
     assert str(err.value) == (
-        "images are 32x32 with 3 channels but the model expects 28x28 with 1 channel "
+        "train images are 32x32 with 3 channels but the model expects 28x28 with 1 channel "
         "(data.image_size=28, data.num_channels=1); set data.resize=true to resize and convert them"
     )
     resized = ImageClassificationData(
@@ -72,6 +72,14 @@ def test_image_size_or_channel_mismatch_says_what_was_expected(tmp_path):
     assert resized.label_names == ["cat", "dog"]
     batch = next(iter(resized.train_dataloader()))
     assert batch["pixel_values"].shape == (8, 1, 28, 28) and set(batch["labels"].tolist()) <= {0, 1}
+
+
+def test_a_test_split_of_another_size_is_refused_not_resized(tmp_path):
+    image_folder(tmp_path / "pets" / "train", (28, 28), mode="L")
+    image_folder(tmp_path / "pets" / "test", (32, 32), mode="L")
+    data = ImageClassificationData(str(tmp_path / "pets"), image_size=28, num_channels=1, val_size=0.2)
+    with pytest.raises(ToolkitError, match="^test images are 32x32 with 1 channel but the model expects 28"):
+        data.setup()
 
 
 def test_images_of_different_sizes_are_named(tmp_path):
@@ -86,7 +94,7 @@ def test_mismatch_from_the_command_line_exits_2_and_leaves_no_run(monkeypatch, t
     args = ["recipe=vision/mlp_mnist_seed", "data.image_size=32", *TINY_IMAGES]
     code, err = run_cli(args, monkeypatch, tmp_path, capsys)
     assert code == 2
-    assert last_line(err).startswith("error: images are 28x28 with 1 channel but the model expects 32x32")
+    assert last_line(err).startswith("error: train images are 28x28 with 1 channel but the model expects 32")
     assert_no_run_left(tmp_path)
 
 

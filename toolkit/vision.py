@@ -131,7 +131,8 @@ class ImageClassificationData(SplitLoaders):
         )
         self.label_names = self.label_names or (list(names) if names else None)
         splits = self._held_out(raw)
-        self._check_shape(splits["train"][0])
+        for split in SPLITS:  # every split: a test set of another size would be resized silently
+            self._check_shape(splits[split][0], split)
         self.splits = {s: ImageSet(*self._limit(s, *splits[s])) for s in SPLITS}
         if self.normalize and self.mean is None:
             pixels = convert_channels(self.splits["train"].images, self.num_channels).float() / 255
@@ -157,11 +158,11 @@ class ImageClassificationData(SplitLoaders):
         limit = self.max_train_examples if split == "train" else self.max_eval_examples
         return (images[:limit], labels[:limit]) if limit else (images, labels)
 
-    def _check_shape(self, images: torch.Tensor) -> None:
+    def _check_shape(self, images: torch.Tensor, split: str) -> None:
         expected = (self.num_channels, self.image_size, self.image_size)
         if tuple(images.shape[1:]) != expected and not self.resize:
             raise ToolkitError(
-                f"images are {_describe(images.shape)} but the model expects {_describe(expected)} "
+                f"{split} images are {_describe(images.shape)} but the model expects {_describe(expected)} "
                 f"(data.image_size={self.image_size}, data.num_channels={self.num_channels}); "
                 "set data.resize=true to resize and convert them"
             )
