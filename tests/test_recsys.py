@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModel
 
 from toolkit.errors import ToolkitError
-from toolkit.recmodels import SASRecConfig, SASRecModel
+from toolkit.recmodels import BERT4RecConfig, BERT4RecModel, SASRecConfig, SASRecModel
 from toolkit.recsys import (
     ItemVocabulary,
     NextItemPrediction,
@@ -144,11 +144,48 @@ def test_causal_model_scores_only_from_the_past_and_round_trips(tmp_path):
         assert out_a.logits.shape == (1, 12)  # scored at the labelled position only
         torch.testing.assert_close(out_a.logits, out_b.logits)  # later items do not leak backwards
         assert model(a).logits.shape == (1, 12)  # no labels: the next-item scores after the sequence
+    assert config.multi_query is False  # one key/value head per attention head, as in SASRec
+    assert isinstance(model.transformer.h[0].attn.c_attn, torch.nn.Linear)  # what quantization converts
     model.save_pretrained(tmp_path)
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
     assert isinstance(reloaded, SASRecModel)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(a).logits, model(a).logits)
+
+
+def test_masked_model_reads_both_sides_of_the_mask_and_round_trips(tmp_path):
+    config = BERT4RecConfig(vocab_size=13, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=6)  # fmt: skip
+    torch.manual_seed(0)
+    model = BERT4RecModel(config).eval()
+    mask = 12
+    a = torch.tensor([[0, 3, 4, mask, 6, 7]])
+    b = torch.tensor([[0, 3, 4, mask, 9, 11]])  # other items after the mask
+    labels = torch.full_like(a, -100)
+    labels[0, 3] = 5
+    with torch.no_grad():
+        out_a, out_b = model(a, labels=labels), model(b, labels=labels)
+        assert out_a.logits.shape == (1, 13)
+        # bidirectional: the items after the mask change its scores (small at N(0, 0.02) initialisation)
+        assert (out_a.logits - out_b.logits).abs().max() > 1e-5
+        assert out_a.loss == pytest.approx(
+            float(torch.nn.functional.cross_entropy(out_a.logits, labels[0, 3:4]))
+        )
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, BERT4RecModel)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(a, labels=labels).logits, out_a.logits)
+
+
+def test_interactions_from_parquet_match_csv(interactions, tmp_path):
+    import pandas as pd
+
+    parquet = tmp_path / "log.parquet"
+    pd.read_csv(interactions).to_parquet(parquet)
+    from_csv, from_parquet = fixture_data(interactions), fixture_data(parquet)
+    assert from_parquet.vocab.items == from_csv.vocab.items
+    assert from_parquet.splits == from_csv.splits
 
 
 def test_missing_columns_name_the_columns_present(tmp_path):
