@@ -115,6 +115,9 @@ def test_rerun_evaluate_on_an_earlier_run_and_refuse_another_test_split(tmp_path
     first = toolkit_train([*TINY, "trainer.max_steps=2", "logger=none"], tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     run_dir = only_run_dir(tmp_path)
+    what_ran = next(line for line in (run_dir / "report.md").read_text().splitlines() if "- recipe:" in line)
+    assert what_ran.startswith("- recipe: `quickstart`; overrides: `recipe=quickstart ")  # from .hydra
+    assert what_ran.endswith(" trainer.max_steps=2 logger=none`")
     metrics = run_dir / "evaluate" / "metrics.json"
     before = metrics.stat().st_mtime_ns
     again = toolkit_train(["recipe=quickstart", "stages=[evaluate]", f"from_run={run_dir}"], tmp_path)

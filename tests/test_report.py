@@ -9,11 +9,12 @@ import sys
 
 from omegaconf import OmegaConf
 
-from toolkit.report import CURVE
+from toolkit.report import CURVE, STAGE_FOLDERS
 from toolkit.stages import run_pipeline
 
 from .test_quantize import copy_run
 
+# What a run can write; present ones are found on disk, this list checks that absent ones are not listed.
 ARTIFACTS = [
     "checkpoints/best.ckpt",
     "checkpoints/last.ckpt",
@@ -38,8 +39,11 @@ def test_report_lists_every_artifact_and_each_load_line_works(classifier_run, tm
     out = capsys.readouterr().out
     report = (run_dir / "report.md").read_text()
 
-    present = [a for a in ARTIFACTS if (run_dir / a).exists()]
-    assert {"export/model", "quantize/model", CURVE, "checkpoints/last.ckpt"} <= set(present)
+    written = [p.relative_to(run_dir).as_posix() for f in STAGE_FOLDERS for p in (run_dir / f).glob("*")]
+    present = written + [a for a in (CURVE, "data_split.json") if (run_dir / a).exists()]
+    assert {"export/model", "quantize/model", "quantize/gate.json", CURVE, "checkpoints/last.ckpt"} <= set(
+        present
+    )
     for artifact in present:
         assert f"`{run_dir / artifact}`" in report, f"{artifact} exists but report.md does not list it"
     for artifact in set(ARTIFACTS) - set(present):

@@ -16,6 +16,7 @@ from toolkit.adapters import adapter_settings
 from toolkit.checkpoint import atomic_write_text
 from toolkit.redaction import redact
 
+STAGE_FOLDERS = ("checkpoints", "export", "prune", "distill", "quantize", "evaluate")
 VERSIONED = ("torch", "lightning", "transformers", "peft", "torchao", "deepspeed", "datasets")
 CURVE = "training_curve.png"
 
@@ -114,7 +115,20 @@ def artifacts(run_dir: Path, auto_class: str) -> list[tuple[str, Path, str]]:
         ("training curve", run_dir / CURVE, "open {p}"),
         ("data split record", run_dir / "data_split.json", "import json; json.load(open('{p}'))"),
     ]
-    return [(what, path, cmd.format(p=path)) for what, path, cmd in candidates if path.exists()]
+    named = [(what, path, cmd.format(p=path)) for what, path, cmd in candidates if path.exists()]
+    return named + other_files(run_dir, {path for _, path, _ in named})
+
+
+def other_files(run_dir: Path, listed: set[Path]) -> list[tuple[str, Path, str]]:
+    """Every other file the stages wrote (gate, pruning summary, confusion matrix, manifests, ...)."""
+    found = []
+    for folder in STAGE_FOLDERS:
+        for path in sorted((run_dir / folder).glob("*")):
+            if path in listed or not path.is_file():
+                continue
+            command = "import json; json.load(open('{p}'))" if path.suffix == ".json" else "open {p}"
+            found.append((str(path.relative_to(run_dir)), path, command.format(p=path)))
+    return found
 
 
 def compression_notes(metrics: dict[str, dict[str, float]]) -> list[str]:
