@@ -27,8 +27,8 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 
 from benchmarks.harness import TINY_BERT, Result
 from benchmarks.overhead import hf_model, job_config
-from toolkit.evaluate import evaluate_model
-from toolkit.stages import run_pipeline
+from toolkit.run.evaluate import evaluate_model
+from toolkit.run.pipeline import run_pipeline
 
 QUICKSTART = ["recipe=quickstart", "logger=csv", "trainer.accelerator=cpu", "stages=[train,export,evaluate]"]
 # The design's figure is for the full epoch (None); a slow machine may time a prefix, the same for both.
@@ -52,7 +52,9 @@ class _Span(TrainerCallback):
 def run_toolkit(overrides: list[str], workdir: Path) -> tuple[float, float]:
     """(training seconds, test accuracy) of the quickstart as `toolkit-train` runs it."""
     clock = workdir / "clock.json"
-    cfg = job_config([*overrides, f"+callbacks.clock={{_target_:toolkit.resources.StepClock,path:{clock}}}"])
+    cfg = job_config(
+        [*overrides, f"+callbacks.clock={{_target_:toolkit.training.callbacks.StepClock,path:{clock}}}"]
+    )
     run_pipeline(cfg, workdir / "run")
     timing = json.loads(clock.read_text())
     seconds = timing["ends"][-1] - timing["first_start_perf"]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
-from toolkit import resources
+from toolkit.training import callbacks
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # Tiny models built from config (real tokenizers): --tiny benchmark runs and the test suite
@@ -54,8 +54,8 @@ def median(values: list[float]) -> float:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (toolkit.resources: VmHWM, which exec does not inherit)."""
-    return resources.peak_rss_bytes()
+    """This process's peak resident set size (VmHWM, which exec does not inherit)."""
+    return callbacks.peak_rss_bytes()
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -102,7 +102,8 @@ def train_with_resources(overrides: list[str], out: Path) -> list[dict]:
     args = [
         *overrides,
         f"hydra.run.dir={out / 'run'}",
-        f"+callbacks.resources={{_target_:toolkit.resources.ResourceReport,path:{out / 'resources'}}}",
+        "+callbacks.resources={_target_:toolkit.training.callbacks.ResourceReport,"
+        f"path:{out / 'resources'}}}",
     ]
     train = Path(sys.executable).with_name("toolkit-train")
     done = subprocess.run([str(train), *args], capture_output=True, text=True)

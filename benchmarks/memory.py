@@ -1,8 +1,8 @@
 """Peak memory of LoRA against full fine-tuning on SmolLM2-135M-Instruct, one `toolkit-train` process each.
 
 Both run the SFT recipe for a few steps (batch 4 of at most 64 tokens, fp32 AdamW) with
-`toolkit.resources.ResourceReport` attached: peak RSS of the process and the census of tensors held just
-before an optimizer step.
+`toolkit.training.callbacks.ResourceReport` attached: peak RSS of the process and the census of tensors
+held just before an optimizer step.
 
     python -m benchmarks --only memory
 """

@@ -4,7 +4,7 @@ The same model, data, batch, padding (every batch padded to max_length, so batch
 work), precision (fp32), optimizer (fused AdamW: the recipe's `fused: null` is fused in fp32, for toolkit and
 plain loop; `adamw_torch_fused` is the Trainer's default; cosine schedule with warmup, gradient clipping at
 1.0), threads and number of steps, run three ways in one process, in rotated order ABC BCA CAB:
-  toolkit  -- `toolkit.stages.train_stage`, the code path of `toolkit-train` (Lightning, its progress bar, a
+  toolkit  -- `toolkit.run.stages.train_stage`, the path of `toolkit-train` (Lightning, its progress bar, a
               CSV logger every 10 steps, checkpoint at the end);
   plain    -- a hand-written loop over the toolkit's own data loader (same sampler and collate function) and
               optimizer: forward, backward, clip, step, zero_grad, the loss read every 10 steps;
@@ -37,12 +37,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, Trainer, TrainerCallback, TrainingArguments, get_scheduler
 
 from benchmarks.harness import TINY_BERT, TINY_LLAMA, Result
-from toolkit.adapters import adapter_settings
-from toolkit.module import build_optimizer
-from toolkit.resources import batch_tokens
-from toolkit.stages import train_stage
-from toolkit.tasks import model_inputs
-from toolkit.train import compose_config
+from toolkit.config import compose_config
+from toolkit.models.adapters import adapter_settings
+from toolkit.run.stages import train_stage
+from toolkit.tasks.base import model_inputs
+from toolkit.training.callbacks import batch_tokens
+from toolkit.training.module import build_optimizer
 
 COMMON = [
     "data.padding=max_length",
@@ -117,7 +117,7 @@ def run_toolkit(overrides: list[str], steps: int, workdir: Path) -> Clock:
         [
             *overrides,
             f"trainer.max_steps={steps}",
-            f"+callbacks.clock={{_target_:toolkit.resources.StepClock,path:{clock}}}",
+            f"+callbacks.clock={{_target_:toolkit.training.callbacks.StepClock,path:{clock}}}",
         ]
     )
     train_stage(cfg, workdir / "run")
@@ -236,7 +236,7 @@ def seconds_to_first_step(tiny: bool) -> float:
             "trainer.max_steps=2",
             "stages=[train]",
             f"hydra.run.dir={Path(tmp) / 'run'}",
-            f"+callbacks.clock={{_target_:toolkit.resources.StepClock,path:{clock}}}",
+            f"+callbacks.clock={{_target_:toolkit.training.callbacks.StepClock,path:{clock}}}",
             *([TINY_BERT] if tiny else []),
         ]
         started = time.time()

@@ -1,6 +1,7 @@
 """Sequence packing on the SFT recipe: share of real (non-pad) tokens and throughput, packed vs padded.
 
-Both arms run `recipe=nlp/smollm2_lora_sft` (SmolLM2-135M-Instruct + LoRA) through toolkit.stages.train_stage:
+Both arms run `recipe=nlp/smollm2_lora_sft` (SmolLM2-135M-Instruct + LoRA) through
+toolkit.run.stages.train_stage:
   padded -- the recipe's defaults: 8 examples per batch, padded to the longest, length-grouped batches
             (the same without length grouping is counted too, not trained);
   packed -- `data.packing=true data.pack_length=512 data.batch_size=2`: whole examples packed into rows of at

@@ -23,11 +23,11 @@ from hydra.utils import instantiate
 
 from benchmarks import harness
 from benchmarks.harness import TINY_BERT, TINY_LLAMA
-from toolkit.evaluate import evaluate_model, latency_ms
-from toolkit.models import build_model
-from toolkit.quantize import quantize_model, save_quantized, weights_size_bytes
-from toolkit.stages import build_data_and_task, model_kwargs
-from toolkit.train import compose_config
+from toolkit.compress.quantize import quantize_model, save_quantized, weights_size_bytes
+from toolkit.config import compose_config
+from toolkit.models.build import build_model
+from toolkit.run.build import build_data_and_task, model_kwargs
+from toolkit.run.evaluate import evaluate_model, latency_ms
 
 CONFIGS = ("int8_weight_only", "int8_dynamic")
 MODELS = {
@@ -65,7 +65,7 @@ def train_and_export(overrides: list[str], work: Path) -> Path:
         "progress_bar=false",
         f"hydra.run.dir={run_dir}",
     ]
-    subprocess.run([sys.executable, "-m", "toolkit.train", *args], check=True, cwd=work)
+    subprocess.run([sys.executable, "-m", "toolkit", *args], check=True, cwd=work)
     return run_dir / "export" / "model"
 
 

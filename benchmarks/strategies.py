@@ -1,7 +1,8 @@
 """Strategies side by side on 2 CPU ranks: median step time, peak RSS and tensor bytes held per rank.
 
 Full fine-tuning of SmolLM2-135M-Instruct (134.5M parameters, all trainable, AdamW, bf16-mixed) on SFT data,
-one `toolkit-train` per strategy with `toolkit.resources.ResourceReport` attached. "State bytes" is the
+one `toolkit-train` per strategy with `toolkit.training.callbacks.ResourceReport`
+attached. "State bytes" is the
 census of every tensor a rank holds just before an optimizer step (parameters, gradients, optimizer
 states and the strategy's own buffers); the estimate column is `toolkit-estimate`'s parameters +
 gradients + optimizer for the same rank.
@@ -15,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.harness import TINY_LLAMA, Result, train_with_resources
-from toolkit.estimate import SHARDING, estimate
-from toolkit.train import compose_config
+from toolkit.config import compose_config
+from toolkit.training.memory import SHARDING, estimate
 
 STRATEGIES = [name for name in SHARDING if name != "single"]  # every multi-rank strategy
 GIB = 1024**3

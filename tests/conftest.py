@@ -20,8 +20,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 from benchmarks.harness import TINY_BERT, TINY_LLAMA  # noqa: E402,F401  (2-layer BERT / Llama from config)
-from toolkit.stages import run_pipeline  # noqa: E402
-from toolkit.train import config_dir, register_resolvers  # noqa: E402
+from toolkit.config import config_dir, register_resolvers  # noqa: E402
+from toolkit.run.pipeline import run_pipeline  # noqa: E402
 
 register_resolvers()
 
@@ -94,7 +94,7 @@ def save_tiny_pretrained(path: Path, config_override: str, model_class: type, to
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import BertModel
 
-    from toolkit.assets import asset_path
+    from toolkit.data.assets import asset_path
 
     return save_tiny_pretrained(
         tmp_path_factory.mktemp("tiny_bert"), TINY_BERT, BertModel, asset_path("minilm")
@@ -105,7 +105,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import LlamaForCausalLM
 
-    from toolkit.assets import asset_path
+    from toolkit.data.assets import asset_path
 
     path = tmp_path_factory.mktemp("tiny_llama")
     return save_tiny_pretrained(path, TINY_LLAMA, LlamaForCausalLM, asset_path("smollm2_135m_instruct"))
@@ -182,7 +182,7 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     same computation (each rank would draw its own dropout masks)."""
     from transformers import BertModel
 
-    from toolkit.assets import asset_path
+    from toolkit.data.assets import asset_path
 
     no_dropout = TINY_BERT.replace(
         "}", ",hidden_dropout_prob:0.0,attention_probs_dropout_prob:0.0,classifier_dropout:0.0}"

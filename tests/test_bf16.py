@@ -13,7 +13,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from toolkit.checkpoint import existing_checkpoint, read_state_dict
+from toolkit.training.checkpoints import existing_checkpoint, read_state_dict
 
 from .test_strategies import checkpoint_step, train
 

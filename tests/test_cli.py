@@ -1,5 +1,5 @@
 """The command line for real, in subprocesses: exact resume after kill -9, DDP on 2 CPU ranks, W&B read back,
-reruns on an earlier run, and `python -m toolkit.train`."""
+reruns on an earlier run, and `python -m toolkit`."""
 
 from __future__ import annotations
 
@@ -133,14 +133,14 @@ def test_rerun_evaluate_on_an_earlier_run_and_refuse_another_test_split(tmp_path
 
 def test_python_dash_m_is_the_same_command(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "toolkit.train", "recipe=nlp/smollm2_lora_sft", "--cfg", "job"],
+        [sys.executable, "-m", "toolkit", "recipe=nlp/smollm2_lora_sft", "--cfg", "job"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "_target_: toolkit.data.ChatSFTData" in result.stdout
+    assert "_target_: toolkit.data.chat.ChatSFTData" in result.stdout
 
 
 @pytest.mark.parametrize(

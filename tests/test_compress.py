@@ -10,10 +10,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification, BertConfig
 
-from toolkit.distill import distillation_loss
+from toolkit.compress.distill import distillation_loss
+from toolkit.compress.prune import body_linears, prune_model
 from toolkit.errors import ToolkitError
-from toolkit.prune import body_linears, prune_model
-from toolkit.stages import run_pipeline
+from toolkit.run.pipeline import run_pipeline
 
 from .test_quantize import copy_run
 

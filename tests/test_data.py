@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from toolkit.data import TextClassificationData
+from toolkit.data.text import TextClassificationData
 from toolkit.errors import ToolkitError
-from toolkit.stages import total_training_steps
-from toolkit.tasks import CausalLM
+from toolkit.run.build import total_training_steps
+from toolkit.tasks.causal_lm import CausalLM
 
 from .conftest import compose_config
 
@@ -27,7 +27,7 @@ WRITERS = {
 
 
 def data_module(path, **kwargs) -> TextClassificationData:
-    from toolkit.assets import asset_path
+    from toolkit.data.assets import asset_path
 
     return TextClassificationData(
         path=str(path),
@@ -95,7 +95,7 @@ def test_total_steps_follow_the_data_length_not_the_trainer():
 def test_early_stopping_is_configured_from_the_primary_metric(tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping
 
-    from toolkit.trainer import build_trainer
+    from toolkit.training.trainer import build_trainer
 
     cfg = compose_config(
         ["recipe=quickstart", "early_stopping.patience=2", "logger=none", "progress_bar=false"]

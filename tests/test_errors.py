@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit import slurm, train
+from toolkit.cli import submit, train
 
 from .conftest import TINY_BERT, toolkit_train
 
@@ -248,7 +248,7 @@ def run_command(case: Case, monkeypatch, tmp_path, capsys) -> tuple[int, str]:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [case.command, *args])
     with pytest.raises(SystemExit) as exit_info:
-        slurm.main()
+        submit.main()
     return exit_info.value.code, capsys.readouterr().err
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from toolkit.estimate import GB, SHARDING, estimate, per_device
-from toolkit.models import build_model
-from toolkit.train import compose_config, config_dir
+from toolkit.config import compose_config, config_dir
+from toolkit.models.build import build_model
+from toolkit.training.memory import GB, SHARDING, estimate, per_device
 
 from .conftest import TINY_BERT, toolkit_train
 
@@ -37,7 +37,7 @@ def test_lora_states_count_only_trainable_gradients_and_moments():
 
 
 def test_sharding_arithmetic():
-    from toolkit.estimate import ModelStates
+    from toolkit.training.memory import ModelStates
 
     states = ModelStates(parameters=800, gradients=800, optimizer=1600)
     assert per_device(states, "deepspeed_zero2", 4) == {"parameters": 800, "gradients": 200, "optimizer": 400}

@@ -15,9 +15,14 @@ import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from toolkit.checkpoint import AtomicCheckpointIO, check_checkpoint, existing_checkpoint, read_state_dict
 from toolkit.errors import ToolkitError
-from toolkit.module import TaskModule
+from toolkit.training.checkpoints import (
+    AtomicCheckpointIO,
+    check_checkpoint,
+    existing_checkpoint,
+    read_state_dict,
+)
+from toolkit.training.module import TaskModule
 
 from .conftest import TINY_CLASSIFIER, TINY_RUN, TOOLKIT_TRAIN, compose_config, run_pipeline, toolkit_train
 from .test_errors import run_cli

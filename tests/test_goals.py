@@ -8,8 +8,8 @@ import json
 import pytest
 from transformers import AutoConfig, AutoImageProcessor, ViTForImageClassification
 
-from toolkit.recsys import ndcg_ratio
-from toolkit.stages import run_pipeline
+from toolkit.run.pipeline import run_pipeline
+from toolkit.tasks.next_item import ndcg_ratio
 
 from .conftest import FAST, compose_config
 

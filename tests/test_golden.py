@@ -8,8 +8,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from toolkit.module import build_optimizer
-from toolkit.stages import build_data_and_task, build_module, run_pipeline
+from toolkit.run.build import build_data_and_task, build_module
+from toolkit.run.pipeline import run_pipeline
+from toolkit.training.module import build_optimizer
 
 from .conftest import TINY_CLASSIFIER, compose_config
 

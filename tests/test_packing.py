@@ -9,11 +9,11 @@ import torch
 from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from toolkit.data import ChatSFTData
+from toolkit.data.chat import ChatSFTData
+from toolkit.data.packing import IGNORE, pack_dataset, pack_rows
 from toolkit.errors import ToolkitError
-from toolkit.packing import IGNORE, pack_dataset, pack_rows
-from toolkit.stages import run_pipeline
-from toolkit.tasks import model_inputs
+from toolkit.run.pipeline import run_pipeline
+from toolkit.tasks.base import model_inputs
 
 from .conftest import TINY_SFT, compose_config
 
@@ -21,7 +21,7 @@ PROMPT = "Is the following movie review positive or negative? Answer with one wo
 
 
 def sft_data(**kwargs) -> ChatSFTData:
-    from toolkit.assets import asset_path
+    from toolkit.data.assets import asset_path
 
     return ChatSFTData(
         path=asset_path("rotten_tomatoes"),

@@ -10,10 +10,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from toolkit.checkpoint import find_checkpoint, load_weights
-from toolkit.models import build_model
-from toolkit.stages import build_data_and_task, build_module, model_kwargs
-from toolkit.trainer import build_trainer
+from toolkit.models.build import build_model
+from toolkit.run.build import build_data_and_task, build_module, model_kwargs
+from toolkit.training.checkpoints import find_checkpoint, load_weights
+from toolkit.training.trainer import build_trainer
 
 from .conftest import TINY_CLASSIFIER, compose_config
 

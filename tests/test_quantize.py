@@ -14,10 +14,10 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from toolkit import train
+from toolkit.cli import train
+from toolkit.compress.quantize import quantize_model, save_quantized, weights_size_bytes
 from toolkit.errors import ToolkitError
-from toolkit.quantize import quantize_model, save_quantized, weights_size_bytes
-from toolkit.stages import run_pipeline
+from toolkit.run.pipeline import run_pipeline
 
 from .conftest import compose_config, toolkit_train
 

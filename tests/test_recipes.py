@@ -9,9 +9,10 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from toolkit.stages import build_data_and_task, build_module, run_pipeline
-from toolkit.train import config_dir
-from toolkit.trainer import build_trainer
+from toolkit.config import config_dir
+from toolkit.run.build import build_data_and_task, build_module
+from toolkit.run.pipeline import run_pipeline
+from toolkit.training.trainer import build_trainer
 
 from .conftest import FAST, TINY_BERT, TINY_LLAMA, TINY_VIT, compose_config
 from .test_recsys import TINY_BERT4REC, TINY_SASREC

@@ -10,18 +10,11 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from toolkit.data.interactions import ItemVocabulary, SequentialRecData, training_windows
 from toolkit.errors import ToolkitError
-from toolkit.recmodels import BERT4RecConfig, BERT4RecModel, SASRecConfig, SASRecModel
-from toolkit.recsys import (
-    ItemVocabulary,
-    NextItemPrediction,
-    SequentialRecData,
-    exclude,
-    hit_rate_and_ndcg,
-    rank_of_targets,
-    training_windows,
-)
-from toolkit.stages import run_pipeline
+from toolkit.models.recommenders import BERT4RecConfig, BERT4RecModel, SASRecConfig, SASRecModel
+from toolkit.run.pipeline import run_pipeline
+from toolkit.tasks.next_item import NextItemPrediction, exclude, hit_rate_and_ndcg, rank_of_targets
 
 from .conftest import FAST, compose_config
 
@@ -52,7 +45,7 @@ def decode(data, ids):
 
 
 def test_leave_last_out_split_never_shows_a_later_item(interactions, caplog):
-    with caplog.at_level(logging.WARNING, logger="toolkit.recsys"):
+    with caplog.at_level(logging.WARNING, logger="toolkit.data.interactions"):
         data = fixture_data(interactions)
     assert "dropped 1 of 3 users with fewer than 3 interactions" in caplog.text
     assert data.vocab.items == ["a", "b", "c", "d", "e", "f"]  # u3's items stay: they are in others' logs

@@ -9,8 +9,8 @@ import sys
 
 from omegaconf import OmegaConf
 
-from toolkit.report import CURVE, STAGE_FOLDERS
-from toolkit.stages import run_pipeline
+from toolkit.run.pipeline import run_pipeline
+from toolkit.run.report import CURVE, STAGE_FOLDERS
 
 from .test_quantize import copy_run
 

@@ -8,7 +8,7 @@ import stat
 
 from transformers import AutoModelForSequenceClassification
 
-from toolkit.models import build_model
+from toolkit.models.build import build_model
 from toolkit.redaction import redact
 
 from .conftest import TINY_RUN, toolkit_train

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from toolkit.samplers import LengthGroupedSampler, ResumableSampler
+from toolkit.data.samplers import LengthGroupedSampler, ResumableSampler
 
 _RNG = random.Random(0)
 LENGTHS = [_RNG.randint(1, 64) for _ in range(100)]  # (one generator: a fresh one per item gave all 50s)

@@ -17,8 +17,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from toolkit.checkpoint import existing_checkpoint, read_state_dict
-from toolkit.estimate import SHARDING
+from toolkit.training.checkpoints import existing_checkpoint, read_state_dict
+from toolkit.training.memory import SHARDING
 
 from .conftest import TOOLKIT_TRAIN, toolkit_train
 

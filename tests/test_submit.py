@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from toolkit import slurm
-from toolkit.train import compose_config
+from toolkit.cli import submit
+from toolkit.config import compose_config
+from toolkit.run import slurm
 
 GOLDEN = Path(__file__).parent / "golden" / "llama3_gpu_2x8.sbatch"
 GPU_2X8 = [
@@ -38,7 +39,7 @@ def run_submit(args: list[str], monkeypatch, tmp_path, capsys) -> tuple[int | No
     monkeypatch.setattr(sys, "argv", ["toolkit-submit", *args])
     code = None
     try:
-        slurm.main()
+        submit.main()
     except SystemExit as exit_info:
         code = exit_info.code
     out = capsys.readouterr()

@@ -13,9 +13,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from toolkit.quantize import quantize_model, save_quantized
-from toolkit.stages import build_data_and_task, run_pipeline
-from toolkit.tasks import model_inputs
+from toolkit.compress.quantize import quantize_model, save_quantized
+from toolkit.run.build import build_data_and_task
+from toolkit.run.pipeline import run_pipeline
+from toolkit.tasks.base import model_inputs
 
 from .conftest import TINY_VIT, compose_config
 from .test_quantize import copy_run, quantize_cfg

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from toolkit.tasks import CausalLM
+from toolkit.tasks.causal_lm import CausalLM
 
 
 def tiny_llama() -> LlamaForCausalLM:

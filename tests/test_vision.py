@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
 
+from toolkit.data.image_files import load_idx_dir
+from toolkit.data.images import ImageClassificationData, horizontal_flip, random_crop
 from toolkit.errors import ToolkitError
-from toolkit.images import load_idx_dir
-from toolkit.mlp import MLPForImageClassification
-from toolkit.stages import run_pipeline
-from toolkit.vision import ImageClassification, ImageClassificationData, horizontal_flip, random_crop
+from toolkit.models.mlp import MLPForImageClassification
+from toolkit.run.pipeline import run_pipeline
+from toolkit.tasks.image_classification import ImageClassification
 
 from .conftest import FAST, TINY_VIT, compose_config
 from .test_errors import assert_no_run_left, last_line, run_cli

@@ -1,0 +1,57 @@
+"""Pre-flight checks: combinations refused before anything is loaded, trained or queued."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from toolkit.errors import ToolkitError
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Refuse allocations that cannot run the recipe, before anything reaches the queue."""
+    s = cfg.slurm
+    for key in ("nodes", "tasks_per_node", "cpus_per_task"):
+        if not isinstance(s[key], int) or s[key] < 1:
+            raise ToolkitError(f"slurm.{key}={s[key]} must be a positive integer")
+    if s.gpus_per_node and s.tasks_per_node > s.gpus_per_node:
+        raise ToolkitError(
+            f"slurm.tasks_per_node={s.tasks_per_node} exceeds slurm.gpus_per_node="
+            f"{s.gpus_per_node}: a GPU job runs one task per GPU"
+        )
+    single_process = not cfg.strategy.get("_target_") and cfg.strategy.get("name", "auto") == "auto"
+    if s.nodes * s.tasks_per_node > 1 and single_process:
+        raise ToolkitError(
+            f"slurm.nodes={s.nodes} x slurm.tasks_per_node={s.tasks_per_node} ranks need a "
+            "multi-process strategy (e.g. strategy=ddp)"
+        )
+
+
+def check_nonfinite_policy(policy: str, strategy_target: str) -> None:
+    if policy not in ("stop", "skip"):
+        raise ToolkitError(f"on_nonfinite_loss='{policy}' is not a policy; valid: stop, skip")
+    if policy == "skip" and "DeepSpeed" in strategy_target:
+        raise ToolkitError(
+            "on_nonfinite_loss=skip is not possible under DeepSpeed (its engine cannot skip an optimizer "
+            "step); use on_nonfinite_loss=stop or another strategy"
+        )
+
+
+def check_strategy(strategy: dict, optimizer_target: str, accelerator: str, devices: Any) -> None:
+    """Refuse, before launching ranks, combinations the strategy or the machine cannot run."""
+
+    if strategy.get("offload_optimizer") and not optimizer_target.endswith("DeepSpeedCPUAdam"):
+        raise ToolkitError(
+            f"DeepSpeed offloads the optimizer here and refuses optim._target_={optimizer_target}; "
+            "use optim=deepspeed_cpu_adam"
+        )
+    if not isinstance(devices, int):
+        return
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    available = torch.cuda.device_count() if on_gpu else os.cpu_count() or 1
+    if devices > available:
+        kind = "CUDA devices" if on_gpu else "CPU cores (one rank per core)"
+        raise ToolkitError(f"trainer.devices={devices} but this machine has {available} {kind}")

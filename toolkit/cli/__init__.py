@@ -1,0 +1,1 @@
+"""The commands (`toolkit-train`, `toolkit-submit`, `toolkit-estimate`): argument handling only."""

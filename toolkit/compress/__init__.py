@@ -1,0 +1,1 @@
+"""Compression of an exported model: pruning, distillation, post-training quantization."""

@@ -1,0 +1,1 @@
+"""A run: its stages and pipeline, evaluation, report, sweeps and Slurm job scripts."""

@@ -1,0 +1,64 @@
+"""Building a run's parts from its config: data module and task, model arguments, the TaskModule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from toolkit.errors import ToolkitError
+from toolkit.models.adapters import adapter_settings
+from toolkit.training.module import TaskModule
+
+
+def build_data_and_task(cfg: DictConfig) -> tuple[Any, Any]:
+    data, task = instantiate(cfg.data), instantiate(cfg.task)
+    data_labels, task_labels = getattr(data, "num_labels", None), getattr(task, "num_labels", None)
+    if data_labels is not None and task_labels is not None and data_labels != task_labels:
+        raise ToolkitError(
+            f"task.num_labels={task_labels} but data.label_names has {data_labels} labels "
+            f"({', '.join(data.label_names)}); make them agree"
+        )
+    if hasattr(task, "bind"):  # tasks whose model shape comes from the data (e.g. an item vocabulary)
+        task.bind(data)
+    return data, task
+
+
+def model_kwargs(cfg: DictConfig, pad_token_id: int | None) -> dict[str, Any]:
+    m = cfg.model
+    config = OmegaConf.to_container(m.config, resolve=True) if m.config is not None else None
+    return {
+        "name_or_path": m.name_or_path,
+        "config": config,
+        "dtype": m.dtype,
+        "trust_remote_code": m.trust_remote_code,
+        "pad_token_id": pad_token_id,
+    }
+
+
+def build_module(cfg: DictConfig, task: Any, pad_token_id: int | None, total_steps: int = 0) -> TaskModule:
+    adapter = adapter_settings(cfg.adapter)
+    return TaskModule(
+        task,
+        model=model_kwargs(cfg, pad_token_id),
+        adapter=adapter,
+        optimizer=instantiate(cfg.optim),
+        scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
+        total_steps=total_steps,
+        on_nonfinite_loss=cfg.get("on_nonfinite_loss", "stop"),
+    )
+
+
+def total_training_steps(trainer_cfg: DictConfig, batch_size: int, n_train: int) -> int:
+    """Optimizer steps the run will take, from the data length (see TaskModule.configure_optimizers)."""
+    devices = trainer_cfg.devices if isinstance(trainer_cfg.devices, int) else 1
+    per_rank = math.ceil(n_train / (devices * trainer_cfg.num_nodes))
+    per_epoch = math.ceil(math.ceil(per_rank / batch_size) / trainer_cfg.accumulate_grad_batches)
+    epochs = trainer_cfg.max_epochs if trainer_cfg.max_epochs not in (None, -1) else None
+    max_steps = trainer_cfg.max_steps if trainer_cfg.max_steps not in (None, -1) else None
+    candidates = [s for s in (per_epoch * epochs if epochs else None, max_steps) if s]
+    if not candidates:
+        raise ToolkitError("set trainer.max_epochs or trainer.max_steps (both are unlimited)")
+    return max(1, min(candidates))

@@ -1,0 +1,1 @@
+"""Training: the one LightningModule, the Trainer and its loggers, callbacks, strategies, checkpoints."""

@@ -1,0 +1,173 @@
+"""TaskModule: the one LightningModule every recipe trains through.
+
+It holds the HF model (built in `configure_model`, so sharded strategies can build it sharded), takes its loss
+from the model's output, logs the task's torchmetrics, and gets its optimizer and scheduler as Hydra partials.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import PreTrainedModel
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from toolkit.console import console
+from toolkit.errors import ToolkitError
+from toolkit.models.adapters import apply_adapter, is_adapter, trainable_summary
+from toolkit.models.build import build_model
+from toolkit.tasks.base import compute_metrics, model_inputs
+
+
+def build_optimizer(
+    factory: Callable[..., torch.optim.Optimizer], params: list[torch.nn.Parameter], precision: Any, clip: Any
+) -> torch.optim.Optimizer:
+    """The recipe's optimizer; `fused: null` in its config means fused kernels wherever Lightning takes them.
+
+    A fused AdamW is one kernel per step instead of torch's per-tensor loop (on CPU ~3x cheaper). Lightning's
+    mixed-precision plugins refuse gradient clipping with an optimizer that unscales its own gradients, which
+    fused AdamW declares, even under bf16 where nothing is scaled: there the non-fused default is used.
+    """
+    if getattr(factory, "keywords", {}).get("fused", False) is None:
+        factory = functools.partial(factory, fused=not ("mixed" in str(precision) and bool(clip)))
+    return factory(params)
+
+
+class TaskModule(L.LightningModule):
+    def __init__(
+        self,
+        task: Any,
+        model: dict[str, Any] | None = None,
+        adapter: dict[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        total_steps: int = 0,
+        prebuilt: torch.nn.Module | None = None,
+        on_nonfinite_loss: str = "stop",
+    ) -> None:
+        """`model`: kwargs of `build_model`; `adapter`: LoraConfig kwargs or None; `prebuilt`: a model to
+        wrap as is (evaluation of an exported model); `on_nonfinite_loss`: stop | skip (the batch)."""
+        super().__init__()
+        self.on_nonfinite_loss, self.skipped_batches = on_nonfinite_loss, 0
+        self.task, self.model_kwargs, self.adapter = task, model or {}, adapter
+        self.optimizer_factory, self.scheduler_factory, self.total_steps = optimizer, scheduler, total_steps
+        self.model: torch.nn.Module | None = prebuilt
+        self._hf_deepspeed_config: HfDeepSpeedConfig | None = None
+        self.val_metrics = task.metrics()
+        self.test_metrics = task.metrics()
+        # Adapter checkpoints keep only trainable weights when the frozen base can be rebuilt from its source
+        # (pretrained weights); a base built from config is a random init, so it is saved whole.
+        self.adapter_only_checkpoints = bool(adapter) and self.model_kwargs.get("config") is None
+        self.strict_loading = not self.adapter_only_checkpoints
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        zero3 = getattr(strategy, "zero3_config", None)
+        # Under ZeRO-3 transformers must see the DeepSpeed config while it builds or loads the model: it then
+        # initialises and loads the partitioned weights itself (without it, zero.Init leaves garbage weights).
+        self._hf_deepspeed_config = HfDeepSpeedConfig(zero3) if zero3 else None
+        base = build_model(self.task.auto_class, **self.model_kwargs, **self.task.model_kwargs())
+        self.model = apply_adapter(base, self.adapter, self.task.peft_task_type)
+        # from_pretrained returns eval mode (dropout off) and Lightning keeps the mode it finds
+        self.model.train()
+        trainable, total = trainable_summary(self.model)  # before sharding: whole-model counts
+        if hasattr(strategy, "shard"):
+            strategy.shard(self.model, list(base._no_split_modules or []))
+        if self._trainer is None or self._trainer.is_global_zero:
+            console.print(
+                f"[bold]trainable parameters[/]: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
+            )
+
+    def teardown(self, stage: str) -> None:
+        if self._hf_deepspeed_config is not None:  # later stages build plain, unsharded models
+            unset_hf_deepspeed_config()
+            self._hf_deepspeed_config = None
+
+    @property
+    def hf_model(self) -> PreTrainedModel:
+        """The underlying transformers model (inside the PEFT wrapper when there is one)."""
+        return self.model.get_base_model() if is_adapter(self.model) else self.model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        return self.model(**model_inputs(batch))
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        training_loss = getattr(self.task, "training_loss", None)  # a task may compute it more cheaply
+        loss = training_loss(self.model, batch) if training_loss else self(batch).loss
+        # averaged over ranks: the loss of the global batch, comparable across strategies and world sizes;
+        # a NaN or inf on any rank makes the mean non-finite, so every rank takes the same decision below
+        global_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        if not torch.isfinite(global_loss):
+            where = f"at step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+            if self.on_nonfinite_loss == "stop":
+                raise ToolkitError(
+                    f"non-finite training loss ({global_loss.item()}) {where}; lower optim.lr, check the "
+                    "data, or set on_nonfinite_loss=skip to skip such batches"
+                )
+            console.print(f"[yellow]skipped a batch with a non-finite loss ({global_loss.item()}) {where}")
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches), batch_size=1)
+            return None  # Lightning then skips backward and the optimizer step, on every rank alike
+        self.log("train/loss", global_loss, prog_bar=True, batch_size=batch["labels"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any, stage: str) -> None:
+        outputs = self(batch)
+        self.log(f"{stage}/loss", outputs.loss, sync_dist=True, batch_size=batch["labels"].shape[0])
+        self.task.update(metrics, self.model, batch, outputs, stage)
+
+    def on_validation_start(self) -> None:
+        self._metrics_to_device(self.val_metrics)
+
+    def on_test_start(self) -> None:
+        self._metrics_to_device(self.test_metrics)
+
+    def _metrics_to_device(self, metrics: Any) -> None:
+        # DeepSpeed moves a module to its device only when zero.Init partitioned none of it: under ZeRO-3
+        # the metric states would stay on the CPU while the logits come out on the GPU
+        metrics.to(self.trainer.strategy.root_device)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def _log_metrics(self, metrics: Any, stage: str) -> None:
+        self.log_dict(
+            {f"{stage}/{k}": v for k, v in compute_metrics(metrics).items()}, prog_bar=stage == "val"
+        )
+        metrics.reset()
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = self.trainer.gradient_clip_val
+        optimizer = build_optimizer(self.optimizer_factory, params, self.trainer.precision, clip)
+        if self.scheduler_factory is None:
+            return optimizer
+        # total_steps comes from the data length: asking the trainer (estimated_stepping_batches) would set up
+        # the dataloader before a resumed loader state is restored, silently breaking exact resume.
+        wants_total = "num_training_steps" in inspect.signature(self.scheduler_factory).parameters
+        scheduler = self.scheduler_factory(
+            optimizer, **({"num_training_steps": self.total_steps} if wants_total else {})
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # sharded checkpoints (DeepSpeed, DCP) must mirror the module's full state: only files are trimmed
+        if self.adapter_only_checkpoints and not getattr(self.trainer.strategy, "sharded_checkpoints", False):
+            trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

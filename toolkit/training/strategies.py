@@ -1,0 +1,197 @@
+"""Lightning's strategies as YAML builds them, plus the one shim DeepSpeed needs to run on CPU ranks.
+
+`conf/strategy/*.yaml` name these classes with their arguments; nothing here re-implements a strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import shutil
+from collections.abc import Generator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
+from torch import nn
+
+from toolkit.errors import ToolkitError
+from toolkit.training.checkpoints import save_directory_atomically
+
+
+class DeepSpeedStrategy(LightningDeepSpeedStrategy):
+    """Lightning's DeepSpeedStrategy, also on CPU ranks (gloo).
+
+    Lightning refuses DeepSpeed on any accelerator but CUDA by an accelerator check alone; DeepSpeed itself
+    runs ZeRO 1/2/3 on CPU (it picks its CPU accelerator and gloo). On CUDA every method is Lightning's own.
+    """
+
+    sharded_checkpoints = True
+
+    def setup_environment(self) -> None:
+        if self.root_device.type == "cuda":
+            return super().setup_environment()
+        DDPStrategy.setup_environment(self)  # skips only the CUDA-accelerator check
+
+    def setup_distributed(self) -> None:
+        if self.root_device.type == "cuda":
+            return super().setup_distributed()
+        reset_seed()  # as Lightning's, minus the CUDA device-index validation
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
+        cast_unpartitioned_to_zero3_dtype(model, self.config)
+        if self.root_device.type == "cuda":
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        # a CPU device has no index: DeepSpeed takes the local rank as its device rank instead
+        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank),
+            config=self.config,
+            model=model,
+            model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            dist_init_required=False,
+        )
+        return engine, deepspeed_optimizer
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
+        parent = super()
+        save_directory_atomically(
+            self, lambda path: parent.save_checkpoint(checkpoint, path, storage_options), filepath
+        )
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(checkpoint_path)
+        saved_world_size = zero_world_size(path)
+        if saved_world_size in (None, self.world_size):
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        # ZeRO partitions depend on the world size: go through DeepSpeed's universal checkpoint format
+        universal = path.with_name(f".{path.name}.universal")
+        if self.is_global_zero:
+            convert_to_universal(path, universal)
+        self.barrier("universal checkpoint written")
+        config = self.deepspeed_engine._config
+        config.load_universal_checkpoint = True
+        try:
+            return super().load_checkpoint(universal, weights_only)
+        finally:
+            config.load_universal_checkpoint = False
+            self.barrier("universal checkpoint loaded")
+            if self.is_global_zero:
+                shutil.rmtree(universal, ignore_errors=True)
+
+    @contextmanager
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        # Not Lightning's zero.Init around configure_model: transformers, seeing the HfDeepSpeedConfig that
+        # TaskModule keeps alive, opens its own zero.Init and loads the pretrained weights into the shards.
+        # Inside Lightning's context the loaded weights came out wrong (first loss off by 2e-3).
+        self._init_config_if_needed()
+        yield
+
+    @property
+    def zero3_config(self) -> dict | None:
+        """The DeepSpeed config when it shards parameters (ZeRO-3), for building the HF model inside it."""
+        self._init_config_if_needed()
+        return self.config if self.zero_stage_3 else None
+
+
+def cast_unpartitioned_to_zero3_dtype(model: nn.Module, config: dict) -> None:
+    """Under ZeRO-3 in bf16/fp16, transformers builds the base model inside zero.Init in that dtype, but PEFT
+    adds its adapter afterwards, upcast to fp32 on purpose. DeepSpeed casts a model itself only when none of
+    it is partitioned yet, and its ZeRO-3 optimizer takes one dtype per parameter group (it keeps its own
+    fp32 master weights), so the parameters built outside zero.Init follow the partitioned ones."""
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        return
+    if config.get("bf16", {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif config.get("fp16", {}).get("enabled"):
+        dtype = torch.float16
+    else:
+        return
+    for param in model.parameters():
+        if not hasattr(param, "ds_id"):  # ds_id: partitioned by zero.Init
+            param.data = param.data.to(dtype)
+
+
+def zero_world_size(checkpoint: Path) -> int | None:
+    """The data-parallel world size a DeepSpeed checkpoint directory was saved with (one optimizer
+    partition file per rank), or None for anything else."""
+    latest = checkpoint / "latest"
+    if not latest.is_file():
+        return None
+    partitions = list((checkpoint / latest.read_text().strip()).glob("*zero_pp_rank_*_optim_states.pt"))
+    return len(partitions) or None
+
+
+def convert_to_universal(checkpoint: Path, universal: Path) -> None:
+    """DeepSpeed's `ds_to_universal` on a Lightning DeepSpeed checkpoint: `universal` then loads on any
+    world size with `load_universal_checkpoint`."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    tag = (checkpoint / "latest").read_text().strip()
+    shutil.rmtree(universal, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(checkpoint / tag),
+        output_folder=str(universal / tag),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # Lightning saves no universal_checkpoint_info
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints every parameter it converts
+        ds_to_universal.main(args)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 data parallelism: Lightning's ModelParallelStrategy with every rank in the data-parallel mesh
+    dimension, plus how the module should shard (`shard`, called from TaskModule.configure_model).
+
+    Each transformer block (the model's `_no_split_modules`) becomes one FSDP unit, then the root.
+    """
+
+    sharded_checkpoints = True
+
+    def __init__(self, cpu_offload: bool = False, reshard_after_forward: bool = True, **kwargs: Any) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+        self.cpu_offload, self.reshard_after_forward = cpu_offload, reshard_after_forward
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes  # pure FSDP: all ranks shard
+        super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
+        parent = super()
+        if not self._save_distributed_checkpoint:  # a single file: Lightning writes it atomically already
+            return parent.save_checkpoint(checkpoint, filepath, storage_options)
+        save_directory_atomically(
+            self, lambda path: parent.save_checkpoint(checkpoint, path, storage_options), filepath
+        )
+
+    def shard(self, model: nn.Module, block_names: list[str]) -> None:
+        from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+        kwargs: dict[str, Any] = {
+            "mesh": self.device_mesh["data_parallel"],
+            "reshard_after_forward": self.reshard_after_forward,
+        }
+        if self.cpu_offload:
+            # pinned host memory speeds copies to an accelerator; on CPU ranks there is nothing to pin for
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.root_device.type != "cpu")
+        blocks = [m for m in model.modules() if type(m).__name__ in set(block_names)]
+        if not blocks:
+            raise ToolkitError(
+                f"FSDP2 found no transformer blocks ({block_names}) to shard in {type(model).__name__}"
+            )
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
