@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,52 +15,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from benchmarks.harness import TINY_BERT, TINY_LLAMA  # noqa: E402,F401  (2-layer BERT / Llama from config)
-from toolkit.config import config_dir, register_resolvers  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    TINY_BERT,
+    TINY_CLASSIFIER,
+    TINY_LLAMA,
+    TINY_SFT,
+    compose_config,
+    save_tiny_pretrained,
+)
+from toolkit.config import register_resolvers  # noqa: E402
 from toolkit.run.pipeline import run_pipeline  # noqa: E402
 
 register_resolvers()
-
-# A 1-layer ViT for 28x28 greyscale images, built from config.
-TINY_VIT = (
-    "model.config={model_type:vit,image_size:28,patch_size:7,num_channels:1,hidden_size:16,"
-    "num_hidden_layers:1,num_attention_heads:2,intermediate_size:32}"
-)
-# The quickstart on a 64-example slice with the tiny BERT: for runs through the command line.
-TINY_RUN = [
-    "recipe=quickstart",
-    TINY_BERT,
-    "data.max_train_examples=64",
-    "data.max_eval_examples=16",
-    "data.batch_size=8",
-    "progress_bar=false",
-    "scheduler.num_warmup_steps=2",
-    "quantize.max_metric_drop=null",  # 16 validation examples: one flipped answer is 6 points
-]
-FAST = ["logger=none", "progress_bar=false", "trainer.accelerator=cpu", "trainer.log_every_n_steps=1"]
-TINY_CLASSIFIER = [
-    "recipe=quickstart",
-    TINY_BERT,
-    "data.max_train_examples=64",
-    "data.max_eval_examples=32",
-    "data.batch_size=8",
-    "trainer.max_steps=6",
-    "scheduler.num_warmup_steps=2",
-    *FAST,
-]
-TINY_SFT = [
-    "recipe=nlp/smollm2_lora_sft",
-    TINY_LLAMA,
-    "data.max_train_examples=32",
-    "data.max_eval_examples=8",
-    "data.batch_size=4",
-    "data.eval_batch_size=8",
-    "trainer.max_steps=4",
-    "trainer.val_check_interval=4",
-    "task.max_new_tokens=3",
-    "scheduler.num_warmup_steps=1",
-    *FAST,
-]
 
 
 @pytest.fixture(autouse=True)
@@ -76,18 +38,6 @@ def _restore_environment():
     yield
     os.environ.clear()
     os.environ.update(saved)
-
-
-def save_tiny_pretrained(path: Path, config_override: str, model_class: type, tokenizer: str) -> Path:
-    """A seeded tiny model saved like a hub checkpoint (weights + tokenizer): the pretrained-base path."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from transformers import AutoConfig, AutoTokenizer
-
-    values = dict(OverridesParser.create().parse_override(config_override).value())
-    torch.manual_seed(0)
-    model_class(AutoConfig.for_model(values.pop("model_type"), **values)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -124,23 +74,6 @@ def tiny_vit_rgb_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )  # fmt: skip
     ViTForImageClassification(config).save_pretrained(path)
     return path
-
-
-TOOLKIT_TRAIN = Path(sys.executable).with_name("toolkit-train")
-
-
-def toolkit_train(args: list[str], cwd: Path, timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    """`toolkit-train <args>` in a subprocess from `cwd`, output captured."""
-    return subprocess.run(
-        [str(TOOLKIT_TRAIN), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs
-    )
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The config `toolkit-train <overrides>` would run with."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        return compose("train", overrides=overrides)
 
 
 @pytest.fixture(scope="session")

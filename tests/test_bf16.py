@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 
 from toolkit.training.checkpoints import existing_checkpoint, read_state_dict
 
-from .test_strategies import checkpoint_step, train
+from .helpers import checkpoint_step, train
 
 BF16 = ["trainer.precision=bf16-mixed", "data.batch_size=16"]
 GPU = ["trainer.accelerator=gpu", "trainer.devices=1"]

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from .conftest import TINY_RUN, TOOLKIT_TRAIN, toolkit_train
+from .helpers import TINY_RUN, TOOLKIT_TRAIN, toolkit_train
 
 TINY = [*TINY_RUN, "trainer.accelerator=cpu"]
 
@@ -154,3 +155,47 @@ def test_other_loggers_write_into_the_run_dir(tmp_path, logger, pattern):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert list(only_run_dir(tmp_path).glob(pattern))
+
+
+def test_a_run_prints_what_a_user_needs_and_keeps_the_rest_in_train_log(tmp_path, tiny_bert_dir):
+    """A pretrained base with a new head (transformers reports the missing head), every default stage."""
+    args = [*TINY_RUN, "model.config=null", f"model.name_or_path={tiny_bert_dir}", "trainer.max_steps=2"]
+    result = toolkit_train([*args, "logger=csv"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    shown = result.stdout + result.stderr
+    for noise in (
+        "LOAD REPORT",
+        "litlogger",
+        "_pytree",
+        "Modules in train mode",
+        "GPU available",
+        "Seed set",
+    ):
+        assert noise not in shown, noise
+    assert result.stdout.count("trainable parameters:") == 1
+    assert result.stdout.count("┃ metric ") == 1  # the metrics table, once
+    log = (only_run_dir(tmp_path) / "train.log").read_text()
+    for line in (
+        "trainable parameters:",
+        "LOAD REPORT",
+        "GPU available",
+        "Modules in train mode",
+        "report: ",
+    ):
+        assert line in log, line
+    assert "┃ metric " in log and "\x1b[" not in log and "\r" not in log
+
+
+def test_a_recipe_file_outside_the_catalogue_runs(tmp_path):
+    recipe = tmp_path / "mine" / "my_recipe.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(
+        "# @package _global_\ndefaults:\n  - override /adapter: none\noptim:\n  lr: 1.5e-4\nstages: [train]\n"
+    )
+    args = [f"recipe={recipe}", *TINY_RUN[1:], "trainer.max_steps=2", "logger=none"]
+    result = toolkit_train(args, tmp_path / "mine")
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run_dir,) = (tmp_path / "mine" / "runs" / "user" / "my_recipe").iterdir()
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert saved.optim.lr == 1.5e-4 and saved.adapter.get("method") is None and saved.stages == ["train"]
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()

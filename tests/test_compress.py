@@ -15,7 +15,7 @@ from toolkit.compress.prune import body_linears, prune_model
 from toolkit.errors import ToolkitError
 from toolkit.run.pipeline import run_pipeline
 
-from .test_quantize import copy_run
+from .helpers import copy_run
 
 
 def linear_weights(model) -> dict[str, torch.Tensor]:

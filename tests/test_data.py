@@ -2,45 +2,20 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import pytest
 
-from toolkit.data.text import TextClassificationData
 from toolkit.errors import ToolkitError
 from toolkit.run.build import total_training_steps
 from toolkit.tasks.causal_lm import CausalLM
 
-from .conftest import compose_config
+from .helpers import ROWS, compose_config, data_module
 
-ROWS = pd.DataFrame(
-    {
-        "text": [f"review number {i} " + "good " * (i % 7) for i in range(50)],
-        "category": ["fresh" if i % 3 else "rotten" for i in range(50)],
-    }
-)
 WRITERS = {
     "csv": lambda df, p: df.to_csv(p, index=False),
     "jsonl": lambda df, p: df.to_json(p, orient="records", lines=True),
     "parquet": lambda df, p: df.to_parquet(p),
     "csv.gz": lambda df, p: df.to_csv(p, index=False, compression="gzip"),
 }
-
-
-def data_module(path, **kwargs) -> TextClassificationData:
-    from toolkit.data.assets import asset_path
-
-    return TextClassificationData(
-        path=str(path),
-        tokenizer=asset_path("minilm"),
-        text_column="text",
-        label_column="category",
-        label_names=["rotten", "fresh"],
-        val_size=0.2,
-        test_size=0.2,
-        max_length=16,
-        batch_size=4,
-        **kwargs,
-    )
 
 
 @pytest.mark.parametrize("fmt", list(WRITERS))

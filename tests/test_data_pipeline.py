@@ -7,7 +7,7 @@ import pytest
 
 from toolkit.errors import ToolkitError
 
-from .test_data import ROWS, data_module
+from .helpers import ROWS, data_module
 
 
 def test_second_setup_loads_the_tokenized_splits_from_the_cache(tmp_path, monkeypatch):

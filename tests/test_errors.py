@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.cli import submit, train
+from toolkit.cli import submit
 
-from .conftest import TINY_BERT, toolkit_train
+from .helpers import TINY_BERT, assert_no_run_left, last_line, run_cli, toolkit_train
 
 TINY = [
     TINY_BERT,
@@ -23,26 +23,6 @@ TINY = [
     "logger=none",
     "progress_bar=false",
 ]
-
-
-def run_cli(args: list[str], monkeypatch, tmp_path, capsys) -> tuple[int, str]:
-    """`toolkit-train <args>` in this process, from tmp_path; returns (exit code, stderr)."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["toolkit-train", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        train.main()
-    return exit_info.value.code, capsys.readouterr().err
-
-
-def last_line(err: str) -> str:
-    """The error line (progress bars of `datasets` may precede it on stderr)."""
-    return err.strip().splitlines()[-1]
-
-
-def assert_no_run_left(tmp_path):
-    runs = tmp_path / "runs"
-    leftovers = [p for p in runs.rglob("*") if p.is_file()] if runs.exists() else []
-    assert not leftovers, f"artifacts left behind: {leftovers[:3]}"
 
 
 @dataclass
@@ -236,11 +216,32 @@ CATALOGUE = {
         "slurm.nodes=1 x slurm.tasks_per_node=2 ranks need a multi-process strategy (e.g. strategy=ddp)",
         command="toolkit-submit",
     ),
+    "recipe file that does not exist": Case(
+        "config",
+        ["recipe=./no/my_recipe.yaml"],
+        "recipe=./no/my_recipe.yaml: no such file; give the path of a recipe .yaml file, or a catalogue "
+        "recipe's name (e.g. recipe=quickstart)",
+    ),
+    "run saved by an older layout": Case(
+        "config",
+        ["recipe=quickstart", "stages=[evaluate]", "from_run={tmp}/old"],
+        "{tmp}/old/.hydra/config.yaml names _target_ 'toolkit.data.TextClassificationData', which this "
+        "version of the toolkit does not have (the run was saved by an older version); rerun it from its "
+        "recipe, or edit that path",
+        files={"old/.hydra/config.yaml": b"data:\n  _target_: toolkit.data.TextClassificationData\n"},
+    ),
+    "answer choices that disagree with the data": Case(
+        "data",
+        ["recipe=nlp/smollm2_lora_sft", "task.answer_choices=[positive,negative]", "logger=none"],
+        "task.answer_choices ['positive', 'negative'] disagree with the answers of data.answers, in order "
+        "['negative', 'positive']; drop task.answer_choices (the choices come from data.answers)",
+    ),
 }
 
 
 def run_command(case: Case, monkeypatch, tmp_path, capsys) -> tuple[int, str]:
     for name, content in case.files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(content)
     args = [arg.replace("{tmp}", str(tmp_path)) for arg in case.args]
     if case.command == "toolkit-train":

@@ -3,16 +3,21 @@ ZeRO-3 rank really held (its checkpoint shard)."""
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 
+import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForSequenceClassification
 
 from toolkit.config import compose_config, config_dir
 from toolkit.models.build import build_model
+from toolkit.training import memory
 from toolkit.training.memory import GB, SHARDING, estimate, per_device
 
-from .conftest import TINY_BERT, toolkit_train
+from .helpers import TINY_BERT, toolkit_train
 
 FULL = ["recipe=quickstart", TINY_BERT, "adapter=none", "trainer.devices=2", "data.batch_size=8"]
 
@@ -90,3 +95,106 @@ def test_every_strategy_config_has_a_sharding_entry():
     """The estimator, the strategy tests and the benchmark all enumerate strategies from SHARDING."""
     configs = {p.stem for p in (Path(config_dir()) / "strategy").glob("*.yaml")}
     assert configs == set(SHARDING)
+
+
+# --- every recipe, offline -------------------------------------------------------------------------------
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# recipes/sweeps/ holds multirun sweeps; each composes (without -m) to the config its jobs run: estimated
+RECIPES = sorted(p.relative_to(RECIPES_DIR).with_suffix("").as_posix() for p in RECIPES_DIR.rglob("*.yaml"))
+UNKNOWN_MODEL_ERROR = (
+    "error: cannot read the config of model 'nobody/no-such-model': it is not a local directory, no "
+    "model.architecture describes it, and the hub could not give it; set model.architecture to its HF config "
+    "(model_type, hidden_size, num_hidden_layers, ...) or point model.name_or_path at a local directory "
+    "holding its config.json"
+)
+
+
+def run_estimate(args: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """`toolkit-estimate <args>` in this process; returns (exit code, stdout, stderr)."""
+    from toolkit.cli import estimate as estimate_cli
+
+    monkeypatch.setattr(sys, "argv", ["toolkit-estimate", *args])
+    try:
+        estimate_cli.main()
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def printed_rows(out: str) -> dict[str, list[float]]:
+    """strategy -> (params, grads, optim, activ., total) GiB, read back from the printed table."""
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in re.split(r"[│|]", line) if c.strip()]
+        if cells and cells[0].removesuffix(" *") in SHARDING:
+            rows[cells[0].removesuffix(" *")] = [float(c) for c in cells[1:6]]
+    return rows
+
+
+@pytest.fixture(scope="module")
+def vit_export_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What vision/vit_lora_transfer starts from: a vision/vit_fashion_mnist export. Its config.json is all an
+    estimate reads (no weights), so only that is written."""
+    from transformers import AutoConfig
+
+    values = OmegaConf.to_container(compose_config(["recipe=vision/vit_fashion_mnist"]).model.config)
+    path = tmp_path_factory.mktemp("vit_export")
+    AutoConfig.for_model(values.pop("model_type"), **values, num_labels=10).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_estimates_offline(recipe, vit_export_dir, monkeypatch, capsys):
+    args = [f"recipe={recipe}", "trainer.devices=2"]
+    if recipe == "vision/vit_lora_transfer":  # the recipe asks for the run it transfers from
+        args.append(f"model.name_or_path={vit_export_dir}")
+    code, out, err = run_estimate(args, monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    total, trainable = (
+        int(n.replace(",", "")) for n in re.findall(r"([\d,]+) (?:parameters|trainable)", out)
+    )
+    assert total >= trainable > 0
+    rows = printed_rows(out)
+    assert set(rows) == set(SHARDING)
+    assert all(row[4] >= row[3] >= 0 for row in rows.values())  # total includes the activations
+    assert rows["single"][4] > 0 and rows["ddp"][0] > 0
+
+
+def test_llama3_8b_estimates_from_its_yaml_without_a_hub(monkeypatch, capsys):
+    """The published Llama-3-8B numbers in conf/model/llama3_8b_instruct.yaml: 8,030,261,248 parameters,
+    and LoRA r=16 on the 7 projections of 32 layers (q, o: 4096 -> 4096; k, v: 4096 -> 1024; gate, up, down:
+    4096 <-> 14336)."""
+    monkeypatch.setattr(memory, "_from_hub", lambda *args: pytest.fail("the hub was asked"))
+    args = ["recipe=nlp/llama3_8b_lora_sft", "trainer.devices=8", "trainer.num_nodes=2"]
+    code, out, err = run_estimate([*args, "estimate.device_memory_gb=80"], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    lora = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    assert f"{8_030_261_248 + lora:,} parameters, {lora:,} trainable; 16 ranks" in out
+    rows = printed_rows(out)
+    weights = (8_030_261_248 * 2 + lora * 4) / GB  # bf16 base; PEFT keeps the LoRA weights in fp32
+    assert rows["ddp"][0] == pytest.approx(weights, abs=1e-3)  # 15.114 GiB
+    assert rows["fsdp2"][0] == pytest.approx(weights / 16, abs=1e-3)  # sharded over 16 ranks
+    assert rows["ddp"][1] == pytest.approx(lora * 4 / GB, abs=1e-3)  # gradients: LoRA weights only
+    assert rows["ddp"][2] == pytest.approx(lora * 12 / GB, abs=1e-3)  # two fp32 moments + fp32 master
+    assert "yes" in out  # fits 80 GB
+
+
+@pytest.mark.parametrize("recipe", ["nlp/smollm2_lora_sft", "quickstart"])
+def test_architecture_numbers_match_the_local_assets_config(recipe):
+    """model.architecture (used with the hub id) builds the same model as the packaged asset's config.json."""
+    hub_id = compose_config([f"recipe={recipe}"]).model.architecture.name_or_path
+    assert estimate(compose_config([f"recipe={recipe}"])) == estimate(
+        compose_config([f"recipe={recipe}", f"model.name_or_path={hub_id}"])
+    )
+
+
+@pytest.mark.parametrize("recipe", ["quickstart", "nlp/llama3_8b_lora_sft"])
+def test_a_hub_model_without_a_config_here_is_one_line(recipe, monkeypatch, capsys):
+    """Offline, and the YAML's model.architecture describes another model: nothing to estimate from."""
+    args = [f"recipe={recipe}", "model.name_or_path=nobody/no-such-model"]
+    code, out, err = run_estimate(args, monkeypatch, capsys)
+    assert code == 2
+    assert err.strip().splitlines() == [UNKNOWN_MODEL_ERROR]

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from toolkit.errors import ToolkitError
+from toolkit.run.pipeline import run_pipeline
 from toolkit.training.checkpoints import (
     AtomicCheckpointIO,
     check_checkpoint,
@@ -24,8 +25,7 @@ from toolkit.training.checkpoints import (
 )
 from toolkit.training.module import TaskModule
 
-from .conftest import TINY_CLASSIFIER, TINY_RUN, TOOLKIT_TRAIN, compose_config, run_pipeline, toolkit_train
-from .test_errors import run_cli
+from .helpers import TINY_CLASSIFIER, TINY_RUN, TOOLKIT_TRAIN, compose_config, run_cli, toolkit_train
 
 pytestmark = pytest.mark.faults
 EXPLODING = [*TINY_RUN, "adapter=none", "optim=sgd", "optim.lr=1e30", "trainer.gradient_clip_val=null"]

@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoImageProcessor, ViTForImageClassificati
 from toolkit.run.pipeline import run_pipeline
 from toolkit.tasks.next_item import ndcg_ratio
 
-from .conftest import FAST, compose_config
+from .helpers import FAST, compose_config
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ from toolkit.run.build import build_data_and_task, build_module
 from toolkit.run.pipeline import run_pipeline
 from toolkit.training.module import build_optimizer
 
-from .conftest import TINY_CLASSIFIER, compose_config
+from .helpers import TINY_CLASSIFIER, compose_config
 
 # Dropout off so the hand-written loop can reproduce every step; full fine-tuning with SGD + linear warmup.
 PARITY = [

@@ -15,7 +15,7 @@ from toolkit.errors import ToolkitError
 from toolkit.run.pipeline import run_pipeline
 from toolkit.tasks.base import model_inputs
 
-from .conftest import TINY_SFT, compose_config
+from .helpers import TINY_SFT, compose_config
 
 PROMPT = "Is the following movie review positive or negative? Answer with one word.\n\nReview: {text}"
 

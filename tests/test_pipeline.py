@@ -15,7 +15,7 @@ from toolkit.run.build import build_data_and_task, build_module, model_kwargs
 from toolkit.training.checkpoints import find_checkpoint, load_weights
 from toolkit.training.trainer import build_trainer
 
-from .conftest import TINY_CLASSIFIER, compose_config
+from .helpers import TINY_CLASSIFIER, compose_config
 
 CLASSIFIER_METRICS = {
     "accuracy",
@@ -121,3 +121,12 @@ def test_lora_trains_only_adapter_weights_and_merge_matches(tmp_path, tiny_bert_
         unmerged = module.model(**inputs).logits
         merged = module.model.merge_and_unload()(**inputs).logits
     torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_exported_classifier_names_its_labels_for_any_hf_client(classifier_run):
+    """id2label from data.label_names: a transformers pipeline answers `fresh`, not `LABEL_1`."""
+    from transformers import pipeline
+
+    _, run_dir = classifier_run
+    classify = pipeline("text-classification", model=str(run_dir / "export" / "model"))
+    assert {r["label"] for r in classify(["a wonderful film", "a dull mess"])} <= {"rotten", "fresh"}

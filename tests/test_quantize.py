@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,30 +13,15 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from toolkit.cli import train
 from toolkit.compress.quantize import quantize_model, save_quantized, weights_size_bytes
 from toolkit.errors import ToolkitError
 from toolkit.run.pipeline import run_pipeline
 
-from .conftest import compose_config, toolkit_train
+from .helpers import copy_run, quantize_cfg, run_cli_line, toolkit_train
 
 CONFIGS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "quantize").glob("*.yaml"))
 CPU_CONFIGS = ["int8_dynamic", "int8_weight_only"]
 GPU_CONFIGS = ["int4_weight_only", "nf4"]
-
-
-def quantize_cfg(name: str):
-    return compose_config(["recipe=quickstart", f"quantize={name}"]).quantize
-
-
-def copy_run(run: tuple, tmp_path: Path) -> Path:
-    """A private copy of a shared session run (so a test's stages do not leak into others), with the
-    .hydra/config.yaml that `from_run` reads."""
-    cfg, run_dir = run
-    copy = Path(shutil.copytree(run_dir, tmp_path / "run"))
-    (copy / ".hydra").mkdir()
-    OmegaConf.save(cfg, copy / ".hydra" / "config.yaml")
-    return copy
 
 
 def logits(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -170,14 +154,6 @@ def digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
-def run_cli(args, monkeypatch, tmp_path, capsys) -> tuple[int, str]:
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["toolkit-train", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        train.main()
-    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()[-1]
-
-
 def test_gate_fails_an_impossible_threshold_and_keeps_the_export(sft_run, tmp_path, monkeypatch, capsys):
     run_dir = copy_run(sft_run, tmp_path)
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
@@ -186,7 +162,7 @@ def test_gate_fails_an_impossible_threshold_and_keeps_the_export(sft_run, tmp_pa
     export = digest(run_dir / "export" / "model")
     # -1: the quantized model would have to be 100% better than the fine-tuned one
     args = ["stages=[quantize,evaluate]", f"from_run={run_dir}", "quantize.max_metric_drop=-1.0"]
-    code, line = run_cli(args, monkeypatch, tmp_path, capsys)
+    code, line = run_cli_line(args, monkeypatch, tmp_path, capsys)
     assert code == 2
     assert line.startswith("error: quantize gate: validation perplexity ")
     assert "quantized vs " in line and "fine_tuned" in line and "max_metric_drop=-1.0" in line
@@ -208,7 +184,7 @@ def test_gpu_only_config_on_cpu_names_the_device(classifier_run, tmp_path, monke
     if torch.cuda.is_available():
         pytest.skip("this machine has the GPU nf4 needs")
     run_dir = copy_run(classifier_run, tmp_path)
-    code, line = run_cli(
+    code, line = run_cli_line(
         ["stages=[quantize]", f"from_run={run_dir}", "quantize=nf4"], monkeypatch, tmp_path, capsys
     )
     assert code == 2
@@ -222,7 +198,7 @@ def test_gpu_only_config_on_cpu_names_the_device(classifier_run, tmp_path, monke
 def test_from_run_without_an_export(classifier_run, tmp_path, monkeypatch, capsys):
     run_dir = copy_run(classifier_run, tmp_path)
     shutil.rmtree(run_dir / "export")
-    code, line = run_cli(["stages=[quantize]", f"from_run={run_dir}"], monkeypatch, tmp_path, capsys)
+    code, line = run_cli_line(["stages=[quantize]", f"from_run={run_dir}"], monkeypatch, tmp_path, capsys)
     assert code == 2
     assert line.startswith(
         f"error: no exported model in {run_dir / 'export' / 'model'}; run the export stage"

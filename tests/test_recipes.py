@@ -14,8 +14,7 @@ from toolkit.run.build import build_data_and_task, build_module
 from toolkit.run.pipeline import run_pipeline
 from toolkit.training.trainer import build_trainer
 
-from .conftest import FAST, TINY_BERT, TINY_LLAMA, TINY_VIT, compose_config
-from .test_recsys import TINY_BERT4REC, TINY_SASREC
+from .helpers import FAST, TINY_BERT, TINY_BERT4REC, TINY_LLAMA, TINY_SASREC, TINY_VIT, compose_config
 
 RECIPES = sorted(
     str(p.relative_to(Path(config_dir()) / "recipe").with_suffix(""))

@@ -16,7 +16,7 @@ from toolkit.models.recommenders import BERT4RecConfig, BERT4RecModel, SASRecCon
 from toolkit.run.pipeline import run_pipeline
 from toolkit.tasks.next_item import NextItemPrediction, exclude, hit_rate_and_ndcg, rank_of_targets
 
-from .conftest import FAST, compose_config
+from .helpers import TINY_BERT4REC, TINY_RECSYS, TINY_SASREC, compose_config
 
 # user, item, timestamp; rows deliberately out of time order. User 1: a b c d e f (times 10..60),
 # user 2: c a e b (times 5..8), user 3: only two interactions (dropped with min_interactions 3).
@@ -200,15 +200,6 @@ def test_too_few_interactions_are_errors_with_counts(interactions):
         SequentialRecData(str(interactions), min_interactions=2, **columns).setup()
     with pytest.raises(ToolkitError, match="data.objective 'mlm' unknown; valid: causal, masked"):
         SequentialRecData(str(interactions), objective="mlm", **columns)
-
-
-TINY_RECSYS = ["data.max_users=40", "data.max_length=12", "data.batch_size=16", "trainer.max_steps=3",
-               "scheduler.num_warmup_steps=1", *FAST]  # fmt: skip
-TINY_SASREC = "model.config={model_type:sasrec,n_embd:16,n_layer:1,n_head:2,n_positions:12}"
-TINY_BERT4REC = (
-    "model.config={model_type:bert4rec,hidden_size:16,num_hidden_layers:1,num_attention_heads:2,"
-    "intermediate_size:32,max_position_embeddings:12}"
-)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification
 from toolkit.models.build import build_model
 from toolkit.redaction import redact
 
-from .conftest import TINY_RUN, toolkit_train
+from .helpers import TINY_RUN, toolkit_train
 
 SECRETS = {
     "WANDB_API_KEY": "wandb-secret-0123456789",

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import TINY_RUN
+from .helpers import TINY_RUN
 
 pytestmark = pytest.mark.slurm
 

@@ -20,48 +20,9 @@ from transformers import AutoModelForSequenceClassification
 from toolkit.training.checkpoints import existing_checkpoint, read_state_dict
 from toolkit.training.memory import SHARDING
 
-from .conftest import TOOLKIT_TRAIN, toolkit_train
+from .helpers import COMMON, TOOLKIT_TRAIN, checked_collectives, checkpoint_step, toolkit_train, train
 
 STRATEGIES = [name for name in SHARDING if name != "single"]  # every multi-rank strategy
-# With base_dir (dropout off: each rank would draw its own masks) and plain shuffling (length grouping
-# sorts per rank), 2 ranks x batch 8 see exactly the single process's batch of 16.
-COMMON = [
-    "recipe=quickstart",
-    "data.group_by_length=false",
-    "data.max_train_examples=64",
-    "data.max_eval_examples=16",
-    "trainer.max_steps=3",
-    "trainer.accelerator=cpu",
-    "logger=csv",
-    "trainer.log_every_n_steps=1",
-    "progress_bar=false",
-    "stages=[train,export]",
-]
-
-
-def checked_collectives(overrides: tuple[str, ...]) -> dict[str, str]:
-    """The environment for a job whose ranks torch checks to call the same collectives with the same shapes:
-    ranks that fall out of step fail with a report naming both calls, instead of failing later at an
-    unrelated barrier. DeepSpeed only: with DDP on gloo, torch 2.13's checking wrapper segfaults."""
-    checked = any(o.startswith("strategy=deepspeed") for o in overrides)
-    return {**os.environ, **({"TORCH_DISTRIBUTED_DEBUG": "DETAIL"} if checked else {})}
-
-
-def train(run_dir: Path, base: Path, *overrides: str) -> list[float]:
-    """toolkit-train in `run_dir` (or, with from_run= among the overrides, a rerun on it); first losses."""
-    rerun = any(o.startswith("from_run=") for o in overrides)
-    args = [
-        *COMMON,
-        f"model.name_or_path={base}",
-        *([] if rerun else [f"hydra.run.dir={run_dir}"]),
-        *overrides,
-    ]
-    result = toolkit_train(args, run_dir.parent, timeout=900, env=checked_collectives(overrides))
-    # every rank's errors, not only the last lines: a rank that dies first explains the others
-    errors = [line for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
-    assert result.returncode == 0, "\n".join(errors[-20:]) + "\n...\n" + result.stderr[-2000:]
-    metrics = pd.read_csv(run_dir / "csv" / "version_0" / "metrics.csv")
-    return metrics.dropna(subset=["train/loss"]).sort_values("step")["train/loss"].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -101,18 +62,6 @@ def test_strategy_matches_single_process_exports_trained_weights_and_resumes(
     more = ["trainer.max_steps=5", "trainer.max_epochs=3"]  # the first run's epoch counts as done
     train(run_dir, base_dir, *args, *more, f"from_run={run_dir}", "resume=last")
     assert checkpoint_step(existing_checkpoint(run_dir / "checkpoints" / "last.ckpt")) == 5
-
-
-def checkpoint_step(path: Path) -> int:
-    """global_step of a Lightning checkpoint: file, DeepSpeed directory or DCP directory."""
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=True)["global_step"]
-    if (path / "latest").exists():
-        states = sorted((path / "checkpoint").glob("*mp_rank_00_model_states.pt"))[0]
-        return torch.load(states, map_location="cpu", weights_only=False)["global_step"]
-    from lightning.fabric.utilities.load import _load_distributed_checkpoint
-
-    return _load_distributed_checkpoint(path)["global_step"]
 
 
 KILL_COMMON = [
@@ -244,7 +193,7 @@ def test_from_config_model_under_zero3_is_initialised_not_garbage(tmp_path):
     first loss is the untrained model's ln(vocabulary) (a garbage init gave ~42 instead of ~6.9, facts.md)."""
     from safetensors.torch import load_file
 
-    from .conftest import TINY_LLAMA, TINY_SFT
+    from .helpers import TINY_LLAMA, TINY_SFT
 
     def run(strategy: str) -> tuple[list[float], dict[str, torch.Tensor]]:
         run_dir = tmp_path / strategy

@@ -12,16 +12,24 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from transformers import AutoConfig
 
 from toolkit.compress.quantize import quantize_model, save_quantized
 from toolkit.run.build import build_data_and_task
 from toolkit.run.pipeline import run_pipeline
 from toolkit.tasks.base import model_inputs
 
-from .conftest import TINY_VIT, compose_config
-from .test_quantize import copy_run, quantize_cfg
-from .test_recsys import TINY_BERT4REC, TINY_RECSYS, TINY_SASREC
-from .test_vision import TINY_IMAGES
+from .helpers import (
+    TINY_BERT4REC,
+    TINY_IMAGES,
+    TINY_RECSYS,
+    TINY_SASREC,
+    TINY_VIT,
+    compose_config,
+    copy_run,
+    quantize_cfg,
+    run_load_lines,
+)
 
 TASKS = {
     "vit": ["recipe=vision/vit_fashion_mnist", TINY_VIT, *TINY_IMAGES],
@@ -76,12 +84,26 @@ def test_every_task_quantizes_and_reloads_identically(task_run, embeddings, tmp_
 def test_every_task_runs_prune_distill_quantize_and_evaluate(task_run, tmp_path):
     name, cfg, _ = task_run
     run_dir = copy_run(task_run[1:], tmp_path)
-    stages = ["prune", "distill", "quantize", "evaluate"]
+    stages = ["prune", "distill", "quantize", "evaluate", "report"]
     cfg = OmegaConf.merge(cfg, {"stages": stages, "quantize": {"max_metric_drop": None}})
     assert run_pipeline(cfg, run_dir) == stages
+    # the report's load lines work as written for the toolkit's own model types too (they import them)
+    model_lines = [c for c in run_load_lines((run_dir / "report.md").read_text()) if "from_pretrained" in c]
+    assert len(model_lines) == 4  # fine-tuned, pruned, distilled, quantized
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     for variant in ("base", "fine_tuned", "pruned", "distilled", "quantized"):
         assert 0.0 <= metrics[variant][PRIMARY[name]] <= 1.0, (variant, metrics[variant])
         assert metrics[variant]["size_bytes"] > 0 and metrics[variant]["latency_ms_single"] > 0
     sparsity = json.loads((run_dir / "prune" / "summary.json").read_text())["sparsity"]
     assert sparsity == pytest.approx(0.3, abs=1e-3)
+
+
+def test_exported_image_classifiers_name_their_labels(task_run):
+    """id2label comes from the data's class names, so HF clients show `Sneaker`, not `LABEL_7`."""
+    name, cfg, run_dir = task_run
+    if name not in ("vit", "mlp"):
+        pytest.skip("recommenders have no labels")
+    config = AutoConfig.from_pretrained(run_dir / "export" / "model")
+    names = list(cfg.data.label_names)
+    assert [config.id2label[i] for i in range(len(names))] == names
+    assert config.label2id == {n: i for i, n in enumerate(names)}

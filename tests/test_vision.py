@@ -20,11 +20,7 @@ from toolkit.models.mlp import MLPForImageClassification
 from toolkit.run.pipeline import run_pipeline
 from toolkit.tasks.image_classification import ImageClassification
 
-from .conftest import FAST, TINY_VIT, compose_config
-from .test_errors import assert_no_run_left, last_line, run_cli
-
-TINY_IMAGES = ["data.max_train_examples=64", "data.max_eval_examples=32", "data.batch_size=16",
-               "trainer.max_steps=3", "scheduler.num_warmup_steps=1", *FAST]  # fmt: skip
+from .helpers import TINY_IMAGES, TINY_VIT, assert_no_run_left, compose_config, last_line, run_cli
 
 
 def write_idx(path, array: np.ndarray) -> None:

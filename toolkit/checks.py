@@ -6,9 +6,11 @@ import os
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from toolkit.compress.quantize import check_quantize_config
 from toolkit.errors import ToolkitError
+from toolkit.training.strategies import strategy_kind
 
 
 def check_options(cfg: DictConfig) -> None:
@@ -22,18 +24,17 @@ def check_options(cfg: DictConfig) -> None:
             f"slurm.tasks_per_node={s.tasks_per_node} exceeds slurm.gpus_per_node="
             f"{s.gpus_per_node}: a GPU job runs one task per GPU"
         )
-    single_process = not cfg.strategy.get("_target_") and cfg.strategy.get("name", "auto") == "auto"
-    if s.nodes * s.tasks_per_node > 1 and single_process:
+    if s.nodes * s.tasks_per_node > 1 and strategy_kind(cfg.strategy) == "single":
         raise ToolkitError(
             f"slurm.nodes={s.nodes} x slurm.tasks_per_node={s.tasks_per_node} ranks need a "
             "multi-process strategy (e.g. strategy=ddp)"
         )
 
 
-def check_nonfinite_policy(policy: str, strategy_target: str) -> None:
+def check_nonfinite_policy(policy: str, strategy: DictConfig) -> None:
     if policy not in ("stop", "skip"):
         raise ToolkitError(f"on_nonfinite_loss='{policy}' is not a policy; valid: stop, skip")
-    if policy == "skip" and "DeepSpeed" in strategy_target:
+    if policy == "skip" and strategy_kind(strategy) == "deepspeed":
         raise ToolkitError(
             "on_nonfinite_loss=skip is not possible under DeepSpeed (its engine cannot skip an optimizer "
             "step); use on_nonfinite_loss=stop or another strategy"
@@ -55,3 +56,18 @@ def check_strategy(strategy: dict, optimizer_target: str, accelerator: str, devi
     if devices > available:
         kind = "CUDA devices" if on_gpu else "CPU cores (one rank per core)"
         raise ToolkitError(f"trainer.devices={devices} but this machine has {available} {kind}")
+
+
+def preflight(cfg: DictConfig, stages: list[str]) -> None:
+    """Every check of a run's config, before its first stage: a bad combination fails in a second, not
+    after an hour of training. Checks of the training setup apply only when the run trains."""
+    if "train" in stages:
+        check_nonfinite_policy(cfg.get("on_nonfinite_loss", "stop"), cfg.strategy)
+        check_strategy(
+            OmegaConf.to_container(cfg.strategy, resolve=True),
+            cfg.optim._target_,
+            cfg.trainer.accelerator,
+            cfg.trainer.devices,
+        )
+    if "quantize" in stages and cfg.quantize.quantization_config is not None:
+        check_quantize_config(cfg.quantize)

@@ -1,4 +1,12 @@
-"""Naming of runs: the run directory, the recipe a run came from, a stable id per run directory."""
+"""The run directory: its name, the recipe it came from, a stable id, and every folder and file name in it.
+
+This is the one module that knows the names (stages, evaluate, report, sweeps and the checkpoint code all
+read them from here). It imports nothing else from the toolkit, so every layer may use it.
+
+    runs/<recipe>/<timestamp>/
+      .hydra/  checkpoints/  export/{adapter,model}/  prune/  distill/  quantize/  evaluate/metrics.json
+      data_split.json  train.log  report.md
+"""
 
 from __future__ import annotations
 
@@ -28,6 +36,14 @@ def run_id(run_dir: Path) -> str:
 
 
 STAGE_ORDER = ("train", "export", "prune", "distill", "quantize", "evaluate", "report")
+# Folders a run's stages write, in pipeline order.
+STAGE_FOLDERS = ("checkpoints", "export", "prune", "distill", "quantize", "evaluate")
+CHECKPOINTS = "checkpoints"
+ADAPTER = "export/adapter"
+METRICS = "evaluate/metrics.json"
+REPORT = "report.md"
+TRAIN_LOG = "train.log"
+SAVED_CONFIG = ".hydra/config.yaml"
 
 
 # Saved model variants of a run, in pipeline order: variant name in evaluate/metrics.json -> folder.
@@ -55,7 +71,7 @@ def compression_source(run_dir: Path, produces: str) -> tuple[str, Path]:
     variants = {k: v for k, v in saved_variants(run_dir).items() if k in earlier}
     if not variants:
         raise ToolkitError(
-            f"no exported model in {run_dir / 'export' / 'model'}; run the export stage first "
+            f"no exported model in {run_dir / VARIANT_DIRS['fine_tuned']}; run the export stage first "
             "(stages=[export,...] on a run with checkpoints)"
         )
     return list(variants.items())[-1]

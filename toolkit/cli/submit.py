@@ -8,6 +8,8 @@ from pathlib import Path
 
 from hydra.errors import HydraException
 
+from toolkit.checks import check_options
+from toolkit.config import compose_config
 from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_write_text
@@ -16,9 +18,9 @@ from toolkit.run.slurm import render_sbatch, sbatch
 
 
 def submit(overrides: list[str], dry_run: bool) -> Path | None:
-    from toolkit.config import compose_config
-
+    overrides = [absolute_recipe_file(arg) for arg in overrides]  # the job may start in another directory
     cfg = compose_config(overrides)
+    check_options(cfg)  # before anything reaches the queue
     run_dir = Path(new_run_dir(recipe_name() or "run", None)).resolve()
     script_text = render_sbatch(cfg, overrides, run_dir)
     if dry_run:
@@ -34,6 +36,13 @@ def submit(overrides: list[str], dry_run: bool) -> Path | None:
         raise
     console.print(f"submitted job {job_id}\n  run dir: {run_dir}\n  log: {run_dir}/slurm-{job_id}.out")
     return run_dir
+
+
+def absolute_recipe_file(arg: str) -> str:
+    key, _, value = arg.partition("=")
+    if key == "recipe" and value.endswith((".yaml", ".yml")):
+        return f"recipe={Path(value).expanduser().resolve()}"
+    return arg
 
 
 def main() -> None:

@@ -16,9 +16,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig
 
-from toolkit.config import compose_config, config_dir, load_from_run, register_resolvers
+from toolkit.config import compose_config, config_dir, expand_recipe_file, load_from_run, register_resolvers
 from toolkit.errors import ToolkitError
+from toolkit.layout import CHECKPOINTS, TRAIN_LOG
 from toolkit.run.pipeline import run_pipeline
+from toolkit.run.train_log import train_log
 
 
 @hydra.main(version_base=None, config_path=config_dir(), config_name="train")
@@ -30,19 +32,23 @@ def _main(cfg: DictConfig) -> None:
     if cfg.get("private_run_dir"):
         os.umask(0o077)  # everything this run writes is readable by its owner only
         run_dir.chmod(0o700)
+    log_file = run_dir / TRAIN_LOG  # a rerun's log goes to its own folder under <from_run>/reruns/
     try:
-        if not fresh:
-            cfg = load_from_run(cfg, list(hydra_cfg.overrides.task))
-            run_dir = Path(cfg.from_run)
-        run_pipeline(cfg, run_dir, done)
+        with train_log(log_file):
+            if not fresh:
+                cfg = load_from_run(cfg, list(hydra_cfg.overrides.task))
+                run_dir = Path(cfg.from_run)
+            run_pipeline(cfg, run_dir, done)
     except Exception as err:
         cause = user_error(err)
         if cause is None:
             raise
-        started = (run_dir / "checkpoints").exists()  # a failure after checkpoints keeps them (and logs)
+        started = (run_dir / CHECKPOINTS).exists()  # a failure after checkpoints keeps them (and logs)
         if fresh and not done and not started and hydra_cfg.output_subdir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)  # bad input leaves nothing that looks like a run
-        # a later stage's failure (e.g. the quantization gate) keeps what the earlier stages wrote
+        else:  # a later stage's failure (e.g. the quantization gate) keeps what the earlier stages wrote
+            with log_file.open("a") as log:
+                log.write(f"error: {cause}\n")
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
 
@@ -86,6 +92,11 @@ def composition_error(args: list[str]) -> str | None:
 
 def main() -> None:
     register_resolvers()
+    try:
+        sys.argv[1:] = expand_recipe_file(sys.argv[1:])  # Hydra's own main reads sys.argv
+    except ToolkitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     error = composition_error(sys.argv[1:])
     if error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,13 +12,14 @@ from torch.nn.utils import prune
 from transformers import PreTrainedModel
 
 from toolkit.errors import ToolkitError
+from toolkit.models.build import linear_layers
 
 
 def body_linears(model: PreTrainedModel) -> list[tuple[str, torch.nn.Linear]]:
     """Linear layers inside the model's base (e.g. `bert.`, `model.`): task heads (classifier, LM head) are
     left alone, since zeroing rows of a 2-way classifier removes a class. A model without a separate base
     (the seed MLP) keeps its `classifier`."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = linear_layers(model)
     prefix = model.base_model_prefix
     if prefix and hasattr(model, prefix):
         return [(name, module) for name, module in linears if name.startswith(f"{prefix}.")]

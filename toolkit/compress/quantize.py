@@ -18,14 +18,9 @@ import torch
 from transformers import AutoConfig, PreTrainedModel, TorchAoConfig
 
 from toolkit.errors import ToolkitError
-from toolkit.models.build import torch_dtype
+from toolkit.models.build import linear_layers, torch_dtype
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt")
-
-
-def linear_layer_names(model: torch.nn.Module) -> list[str]:
-    """Names of the model's `nn.Linear` modules (what every quantization backend here converts)."""
-    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
 
 
 def embedding_names(model: PreTrainedModel) -> tuple[str | None, str | None]:
@@ -117,7 +112,7 @@ def quantize_model(
     load_dtype = torch_dtype(dtype, "quantize.dtype")
     with torch.device("meta"):
         skeleton = auto_class.from_config(AutoConfig.from_pretrained(source))
-    linears = linear_layer_names(skeleton)
+    linears = [name for name, _ in linear_layers(skeleton)]
     if not linears:
         raise ToolkitError(
             f"{source} ({type(skeleton).__name__}) has no nn.Linear layers to quantize; "

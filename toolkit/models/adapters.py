@@ -9,16 +9,14 @@ from omegaconf import DictConfig, OmegaConf
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.pytorch_utils import Conv1D
 
 from toolkit.errors import ToolkitError
+from toolkit.models.build import linear_layers
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the Linear/Conv1D layers: the names LoRA can target."""
-    return sorted(
-        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear | Conv1D)}
-    )
+    return sorted({name.rsplit(".", 1)[-1] for name, _ in linear_layers(model, conv1d=True)})
 
 
 def adapter_settings(adapter: DictConfig | None) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from transformers import AutoConfig, PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from toolkit.errors import ToolkitError
 
@@ -51,7 +52,7 @@ def build_model(
         hf_config = AutoConfig.for_model(config.pop("model_type"), **config, **model_kwargs)
         model = auto_class.from_config(hf_config, dtype=weights_dtype, trust_remote_code=trust_remote_code)
     else:
-        _check_source(name_or_path)
+        check_source(name_or_path)
         model = auto_class.from_pretrained(
             name_or_path, dtype=weights_dtype, trust_remote_code=trust_remote_code, **model_kwargs
         )
@@ -60,7 +61,7 @@ def build_model(
     return model
 
 
-def _check_source(name_or_path: str | None) -> None:
+def check_source(name_or_path: str | None) -> None:
     if not name_or_path:
         raise ToolkitError("model.name_or_path is empty; give a local model directory or a hub id")
     path = Path(name_or_path)
@@ -81,3 +82,10 @@ def load_tokenizer(name_or_path: str) -> Any:
             "(no tokenizer.json or tokenizer_config.json)"
         )
     return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def linear_layers(model: torch.nn.Module, conv1d: bool = False) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every `nn.Linear`, the layers quantizers and pruning convert; `conv1d` adds GPT-2's
+    `Conv1D` (a transposed linear layer that LoRA can target but torchao and torch's pruning cannot)."""
+    kinds = (torch.nn.Linear, Conv1D) if conv1d else (torch.nn.Linear,)
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, kinds)]

@@ -21,9 +21,30 @@ def build_data_and_task(cfg: DictConfig) -> tuple[Any, Any]:
             f"task.num_labels={task_labels} but data.label_names has {data_labels} labels "
             f"({', '.join(data.label_names)}); make them agree"
         )
+    take_answer_choices(task, data)
     if hasattr(task, "bind"):  # tasks whose model shape comes from the data (e.g. an item vocabulary)
         task.bind(data)
     return data, task
+
+
+def build_task(cfg: DictConfig) -> Any:
+    """The task alone, for stages that need only its Auto class and metric names (prune, report)."""
+    return instantiate(cfg.task)
+
+
+def take_answer_choices(task: Any, data: Any) -> None:
+    """gen_accuracy compares the generated answer's index with the data's `answer_index`, so the task's
+    choices must be the data's, in the data's order: they come from `data.answers`. A task given other
+    choices would score every answer inverted without a word; it is refused instead."""
+    choices = [c.lower() for c in getattr(data, "answer_choices", None) or []]
+    if not choices or not hasattr(task, "answer_choices"):
+        return
+    if task.answer_choices and task.answer_choices != choices:
+        raise ToolkitError(
+            f"task.answer_choices {task.answer_choices} disagree with the answers of data.answers, in order "
+            f"{choices}; drop task.answer_choices (the choices come from data.answers)"
+        )
+    task.answer_choices = choices
 
 
 def model_kwargs(cfg: DictConfig, pad_token_id: int | None) -> dict[str, Any]:

@@ -62,11 +62,12 @@ def metrics_table(metrics: dict[str, dict[str, float]], title: str) -> Table:
     for variant in metrics:
         table.add_column(variant, justify="right")
     for name in names:
-        table.add_row(name, *[_fmt(values.get(name)) for values in metrics.values()])
+        table.add_row(name, *[format_value(values.get(name)) for values in metrics.values()])
     return table
 
 
-def _fmt(value: float | None) -> str:
+def format_value(value: float | None) -> str:
+    """How a metric prints, on the console and in report.md alike."""
     if value is None:
         return "-"
     if isinstance(value, int) or abs(value) >= 1000:

@@ -6,9 +6,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from toolkit.compress.quantize import (
-    check_quantize_config,
-)
+from toolkit.checks import preflight
 from toolkit.errors import ToolkitError
 from toolkit.layout import STAGE_ORDER
 from toolkit.run.stages import (
@@ -44,8 +42,7 @@ def run_pipeline(cfg: DictConfig, run_dir: Path, done: list[str] | None = None) 
     to `done` as they complete, so a caller knows what finished when a later stage fails)."""
     done = [] if done is None else done
     stages = ordered_stages(list(cfg.stages))
-    if "quantize" in stages and cfg.quantize.quantization_config is not None:
-        check_quantize_config(cfg.quantize)  # before training, not after it
+    preflight(cfg, stages)
     for stage in stages:
         if stage == "train":
             if not train_stage(cfg, run_dir):

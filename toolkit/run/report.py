@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig
 
 from toolkit.files import atomic_write_text
+from toolkit.layout import ADAPTER, CHECKPOINTS, METRICS, REPORT, STAGE_FOLDERS, VARIANT_DIRS
 from toolkit.models.adapters import adapter_settings
 from toolkit.redaction import redact
-
-STAGE_FOLDERS = ("checkpoints", "export", "prune", "distill", "quantize", "evaluate")
-
+from toolkit.run.evaluate import format_value
 
 VERSIONED = ("torch", "lightning", "transformers", "peft", "torchao", "deepspeed", "datasets")
 
@@ -86,41 +86,47 @@ def metrics_markdown(metrics: dict[str, dict[str, float]]) -> str:
     names = list(dict.fromkeys(k for values in metrics.values() for k in values))
     lines = ["| metric | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
     for name in names:
-        cells = [_fmt(metrics[v].get(name)) for v in variants]
+        cells = [format_value(metrics[v].get(name)) for v in variants]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _fmt(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, int) or abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.4f}"
-
-
 def artifacts(run_dir: Path, auto_class: str) -> list[tuple[str, Path, str]]:
     """(what, path, one-line load command) for each artifact present in the run directory."""
-    load = f"from transformers import {auto_class}; m = {auto_class}.from_pretrained"
+    imports = f"{registering_import(run_dir)}from transformers import {auto_class}"
+    load = f"{imports}; m = {auto_class}.from_pretrained"
     peft_class = auto_class.replace("AutoModel", "AutoPeftModel")
     candidates = [
-        ("best checkpoint", run_dir / "checkpoints" / "best.ckpt", "toolkit-train ... resume={p}"),
-        ("last checkpoint", run_dir / "checkpoints" / "last.ckpt", "toolkit-train ... resume={p}"),
+        ("best checkpoint", run_dir / CHECKPOINTS / "best.ckpt", "toolkit-train ... resume={p}"),
+        ("last checkpoint", run_dir / CHECKPOINTS / "last.ckpt", "toolkit-train ... resume={p}"),
         (
             "LoRA adapter",
-            run_dir / "export" / "adapter",
+            run_dir / ADAPTER,
             f"from peft import {peft_class}; m = {peft_class}.from_pretrained('{{p}}')",
         ),
-        ("fine-tuned model", run_dir / "export" / "model", load + "('{p}')"),
-        ("pruned model", run_dir / "prune" / "model", load + "('{p}')"),
-        ("distilled model", run_dir / "distill" / "model", load + "('{p}')"),
-        ("quantized model", run_dir / "quantize" / "model", load + "('{p}')"),
-        ("metrics", run_dir / "evaluate" / "metrics.json", "import json; json.load(open('{p}'))"),
+        ("fine-tuned model", run_dir / VARIANT_DIRS["fine_tuned"], load + "('{p}')"),
+        ("pruned model", run_dir / VARIANT_DIRS["pruned"], load + "('{p}')"),
+        ("distilled model", run_dir / VARIANT_DIRS["distilled"], load + "('{p}')"),
+        ("quantized model", run_dir / VARIANT_DIRS["quantized"], load + "('{p}')"),
+        ("metrics", run_dir / METRICS, "import json; json.load(open('{p}'))"),
         ("training curve", run_dir / CURVE, "open {p}"),
         ("data split record", run_dir / "data_split.json", "import json; json.load(open('{p}'))"),
     ]
     named = [(what, path, cmd.format(p=path)) for what, path, cmd in candidates if path.exists()]
     return named + other_files(run_dir, {path for _, path, _ in named})
+
+
+def registering_import(run_dir: Path) -> str:
+    """`import <module>; ` when the run's model type is one the toolkit registers with transformers (the
+    seed MLP, SASRec, BERT4Rec): without it `from_pretrained` does not know the type. Found from the config
+    class itself, which this process has registered while building the task."""
+    saved = [
+        run_dir / folder for folder in VARIANT_DIRS.values() if (run_dir / folder / "config.json").exists()
+    ]
+    if not saved:
+        return ""
+    module = type(AutoConfig.from_pretrained(saved[0])).__module__
+    return f"import {module}; " if module.startswith("toolkit.") else ""
 
 
 def other_files(run_dir: Path, listed: set[Path]) -> list[tuple[str, Path, str]]:
@@ -199,18 +205,18 @@ def write_report(cfg: DictConfig, run_dir: Path, primary_metric: str, auto_class
     else:
         lines.append("No training metrics in a CSV log here (logger=none, or the train stage did not run).")
     lines += ["", "## Evaluation (test split)", ""]
-    metrics_file = run_dir / "evaluate" / "metrics.json"
+    metrics_file = run_dir / METRICS
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     lines.append(metrics_markdown(metrics) if metrics else "The evaluate stage has not run.")
     lines += [""] + [f"- {note}" for note in compression_notes(metrics)]
     lines += ["", "## Artifacts", "", "| artifact | path | load |", "|---|---|---|"]
     for what, path, command in artifacts(run_dir, auto_class):
         lines.append(f"| {what} | `{path}` | `{command}` |")
-    report = run_dir / "report.md"
+    report = run_dir / REPORT
     atomic_write_text(report, redact("\n".join(lines) + "\n"))  # overrides may carry a token
     return report
 
 
 def metrics_of(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "evaluate" / "metrics.json"
+    path = run_dir / METRICS
     return json.loads(path.read_text()) if path.exists() else {}

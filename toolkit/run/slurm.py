@@ -15,7 +15,6 @@ from pathlib import Path
 import jinja2
 from omegaconf import DictConfig, OmegaConf
 
-from toolkit.checks import check_options
 from toolkit.errors import ToolkitError
 from toolkit.layout import recipe_name
 
@@ -46,7 +45,6 @@ def train_command(overrides: list[str], run_dir: Path, cfg: DictConfig) -> str:
 
 
 def render_sbatch(cfg: DictConfig, overrides: list[str], run_dir: Path) -> str:
-    check_options(cfg)
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(template_dir()),
         undefined=jinja2.StrictUndefined,

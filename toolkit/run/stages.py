@@ -19,7 +19,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from toolkit.checks import check_nonfinite_policy, check_strategy
 from toolkit.compress.distill import DistillModule, build_student
 from toolkit.compress.prune import prune_model
 from toolkit.compress.quantize import (
@@ -33,10 +32,16 @@ from toolkit.compress.quantize import (
 from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_dir, atomic_write_text
-from toolkit.layout import SPLIT_RECORD, compression_source, saved_variants
+from toolkit.layout import METRICS, SPLIT_RECORD, VARIANT_DIRS, compression_source, saved_variants
 from toolkit.models.adapters import is_adapter
 from toolkit.models.build import build_model
-from toolkit.run.build import build_data_and_task, build_module, model_kwargs, total_training_steps
+from toolkit.run.build import (
+    build_data_and_task,
+    build_module,
+    build_task,
+    model_kwargs,
+    total_training_steps,
+)
 from toolkit.run.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
 from toolkit.run.manifest import verify_manifest, write_manifest
 from toolkit.run.report import metrics_of, write_report
@@ -46,18 +51,12 @@ from toolkit.training.checkpoints import (
     resume_checkpoint,
     state_dict_mismatch,
 )
-from toolkit.training.trainer import _print_wandb_sync, build_trainer
+from toolkit.training.loggers import print_wandb_sync
+from toolkit.training.trainer import build_trainer
 
 
 def train_stage(cfg: DictConfig, run_dir: Path) -> bool:
     """Fit the model; returns True on the process that runs the later stages (global rank 0)."""
-    check_nonfinite_policy(cfg.get("on_nonfinite_loss", "stop"), cfg.strategy.get("_target_") or "")
-    check_strategy(
-        OmegaConf.to_container(cfg.strategy, resolve=True),
-        cfg.optim._target_,
-        cfg.trainer.accelerator,
-        cfg.trainer.devices,
-    )
     L.seed_everything(cfg.seed, workers=True)
     data, task = build_data_and_task(cfg)
     data.setup("fit")
@@ -81,7 +80,7 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> bool:
             f"disk full while training in {run_dir} ({err}); the last complete checkpoint is kept: free "
             f"space, then rerun with from_run={run_dir} resume=last"
         ) from err
-    _print_wandb_sync(trainer)
+    print_wandb_sync(trainer)
     is_zero = trainer.is_global_zero
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # later stages run on rank 0 alone
@@ -95,15 +94,25 @@ def export_stage(cfg: DictConfig, run_dir: Path) -> None:
     module = build_module(cfg, task, data.pad_token_id)
     module.configure_model()
     load_weights(module, find_checkpoint(run_dir))
-    model = module.model
-    with atomic_dir(run_dir / "export") as tmp:
+    model, processor = module.model, data.processor  # the processor first: image data reads its labels
+    with atomic_dir(run_dir / "export") as tmp:  # export/adapter and export/model
         if is_adapter(model):
             model.save_pretrained(tmp / "adapter")
             model = model.merge_and_unload()
+        name_labels(model, getattr(data, "label_names", None))
         model.save_pretrained(tmp / "model")
-        data.processor.save_pretrained(tmp / "model")
+        processor.save_pretrained(tmp / "model")
         write_manifest(tmp)
     console.print(f"exported: {run_dir / 'export'}")
+
+
+def name_labels(model: Any, label_names: list[str] | None) -> None:
+    """id2label / label2id from the data's label names, so every HF client (`pipeline`, the hub widget)
+    shows `positive` instead of `LABEL_1`."""
+    if not label_names or getattr(model.config, "num_labels", None) != len(label_names):
+        return
+    model.config.id2label = {i: str(name) for i, name in enumerate(label_names)}
+    model.config.label2id = {str(name): i for i, name in enumerate(label_names)}
 
 
 def check_split(run_dir: Path, data: Any) -> None:
@@ -146,17 +155,18 @@ def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]
         del model
     results.update(task.baselines(data))
     with atomic_dir(run_dir / "evaluate") as tmp:
-        (tmp / "metrics.json").write_text(json.dumps(results, indent=2))
+        (tmp / Path(METRICS).name).write_text(json.dumps(results, indent=2))
         if hasattr(task, "save_figures"):  # e.g. the confusion matrix of image classification
             task.save_figures(figures_of, loader, tmp)
-    print_metrics(results)
-    console.print(f"metrics: {run_dir / 'evaluate' / 'metrics.json'}")
+    if "report" not in cfg.stages:  # the report stage ends by printing the same table
+        print_metrics(results)
+    console.print(f"metrics: {run_dir / METRICS}")
     return results
 
 
 def prune_stage(cfg: DictConfig, run_dir: Path) -> None:
     """export/model -> prune/model: magnitude pruning of the linear layers (see `prune` in train.yaml)."""
-    _, task = build_data_and_task(cfg)
+    task = build_task(cfg)
     source_name, source = compression_source(run_dir, "pruned")
     model = task.auto_class.from_pretrained(source)
     stats = prune_model(model, cfg.prune.amount, cfg.prune.structured)
@@ -218,11 +228,12 @@ def quantize_stage(cfg: DictConfig, run_dir: Path) -> None:
         return
     device = check_quantize_config(q)
     source_name, source = compression_source(run_dir, "quantized")
-    data, task = build_data_and_task(cfg)
+    task = build_task(cfg)
     build_config = instantiate(q.quantization_config)
     quantized = quantize_model(source, task.auto_class, build_config, q.include_embeddings, device, q.dtype)
     gate = None
     if q.max_metric_drop is not None:
+        data, task = build_data_and_task(cfg)
         data.setup("validate")
         before = task.auto_class.from_pretrained(source)
         gate = metric_gate(before, quantized, task, data.val_dataloader(), q.max_metric_drop, source_name)
@@ -236,13 +247,13 @@ def quantize_stage(cfg: DictConfig, run_dir: Path) -> None:
             config_name=q.name,
             config=config,
             auto_class=task.auto_class,
-            target=run_dir / "quantize" / "model",
+            target=run_dir / VARIANT_DIRS["quantized"],
             gate=gate,
         )
         (tmp / "model" / "README.md").write_text(card)
         (tmp / "gate.json").write_text(json.dumps(gate, indent=2))
         write_manifest(tmp)
-    size = weights_size_bytes(run_dir / "quantize" / "model") / weights_size_bytes(source)
+    size = weights_size_bytes(run_dir / VARIANT_DIRS["quantized"]) / weights_size_bytes(source)
     console.print(
         f"quantized ({q.name}): {run_dir / 'quantize' / 'model'} ({size:.2f}x the size of {source_name})"
     )
@@ -280,7 +291,7 @@ def copy_preprocessing_files(source: Path, target: Path) -> None:
 
 def report_stage(cfg: DictConfig, run_dir: Path) -> None:
     """report.md (what ran, training curve, evaluation table, artifacts); ends by printing the table."""
-    _, task = build_data_and_task(cfg)
+    task = build_task(cfg)
     report = write_report(cfg, run_dir, task.primary_metric, task.auto_class.__name__)
     metrics = metrics_of(run_dir)
     if metrics:

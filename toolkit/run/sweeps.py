@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from toolkit.console import console
 from toolkit.files import atomic_write_text
+from toolkit.layout import METRICS
 
 
 def summarize(sweep_dir: Path) -> str:
@@ -19,7 +20,7 @@ def summarize(sweep_dir: Path) -> str:
     for job_dir in sorted((p for p in sweep_dir.iterdir() if p.name.isdigit()), key=lambda p: int(p.name)):
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = list(OmegaConf.load(overrides_file)) if overrides_file.exists() else []
-        metrics_file = job_dir / "evaluate" / "metrics.json"
+        metrics_file = job_dir / METRICS
         metrics = json.loads(metrics_file.read_text()).get("fine_tuned", {}) if metrics_file.exists() else {}
         metric_names += [m for m in metrics if m not in metric_names]
         rows.append((job_dir.name, overrides, metrics))

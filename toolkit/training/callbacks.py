@@ -26,12 +26,19 @@ import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import (
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ModelSummary,
+    RichProgressBar,
+)
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 from torch.distributed.tensor import DTensor
 
 from toolkit.console import console
+from toolkit.layout import CHECKPOINTS
 
 
 def _rng_state() -> dict[str, Any]:
@@ -115,15 +122,16 @@ class LastCheckpoint(ModelCheckpoint):
 def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
         ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
+            dirpath=run_dir / CHECKPOINTS,
             filename="best",
             monitor=monitor,
             mode=mode,
             save_top_k=1,
             auto_insert_metric_name=False,
         ),
-        LastCheckpoint(run_dir / "checkpoints", every_n_train_steps=cfg.checkpoint.every_n_train_steps),
+        LastCheckpoint(run_dir / CHECKPOINTS, every_n_train_steps=cfg.checkpoint.every_n_train_steps),
         RNGStateCallback(cfg.seed),
+        ModelSummary(max_depth=1),  # logged (to train.log), in place of the rich table on the terminal
     ]
     if SLURMEnvironment.detect():
         callbacks.append(RequeueOnSignal())

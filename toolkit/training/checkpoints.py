@@ -16,6 +16,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from toolkit.console import console
 from toolkit.errors import ToolkitError
+from toolkit.layout import CHECKPOINTS
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -58,10 +59,10 @@ def os_error_behind(err: BaseException) -> OSError | None:
 def find_checkpoint(run_dir: Path) -> Path:
     """The run's best checkpoint, else its last one."""
     for name in ("best.ckpt", "last.ckpt"):
-        path = existing_checkpoint(run_dir / "checkpoints" / name)
+        path = existing_checkpoint(run_dir / CHECKPOINTS / name)
         if path is not None:
             return path
-    raise ToolkitError(f"no checkpoint in {run_dir / 'checkpoints'}; run the train stage first")
+    raise ToolkitError(f"no checkpoint in {run_dir / CHECKPOINTS}; run the train stage first")
 
 
 def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -152,10 +153,10 @@ def resume_checkpoint(resume: str | None, run_dir: Path) -> str | None:
     if resume in (None, False, ""):
         return None
     if resume == "last":
-        last = existing_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+        last = existing_checkpoint(run_dir / CHECKPOINTS / "last.ckpt")
         if last is None:
             console.print(
-                f"resume=last: no checkpoint in {run_dir / 'checkpoints'} yet, starting from the beginning"
+                f"resume=last: no checkpoint in {run_dir / CHECKPOINTS} yet, starting from the beginning"
             )
             return None
         check_checkpoint(last)

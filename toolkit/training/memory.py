@@ -6,12 +6,18 @@
 Model states are exact counts from the model built on the meta device (no weights are loaded):
 parameters, gradients of the trainable ones, AdamW's two fp32 moments (plus an fp32 master copy when the
 weights are not fp32), each divided by the ranks that shard it. Activations are a rough term from
-Korthikanti et al. (2022), s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, without activation checkpointing.
+Korthikanti et al. (2022), s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, without activation checkpointing
+(s: tokens, or a ViT's patches + [CLS]); the seed MLP keeps each layer's input and ReLU output instead.
+
+Nothing is downloaded when the recipe can say what the model is: its config comes from model.config, else a
+local directory's config.json, else model.architecture (the published config of a hub model, in its
+conf/model YAML), and only then from the hub.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +27,9 @@ from rich.table import Table
 from transformers import AutoConfig, PretrainedConfig
 
 from toolkit.console import console
+from toolkit.errors import ToolkitError
 from toolkit.models.adapters import adapter_settings, apply_adapter
+from toolkit.models.build import check_source as check_source
 from toolkit.models.build import torch_dtype
 
 GB = 1024**3
@@ -51,11 +59,48 @@ class ModelStates:
 
 
 def model_config(cfg: DictConfig, **model_kwargs: Any) -> PretrainedConfig:
-    """The HF config the recipe's model is built from (no weights are read)."""
-    if cfg.model.config is not None:
-        values = OmegaConf.to_container(cfg.model.config, resolve=True)
-        return AutoConfig.for_model(values.pop("model_type"), **values, **model_kwargs)
-    return AutoConfig.from_pretrained(cfg.model.name_or_path, **model_kwargs)
+    """The HF config the recipe's model is built from (no weights are read; the hub only as a last resort)."""
+    model_kwargs.pop("ignore_mismatched_sizes", None)  # a loading option, not a config value
+    m = cfg.model
+    if m.config is not None:
+        return _for_model(OmegaConf.to_container(m.config, resolve=True), model_kwargs)
+    source = m.name_or_path
+    check_source(source)  # training's one-line errors: an empty value, a directory without config.json
+    if Path(source).is_dir():
+        return AutoConfig.from_pretrained(source, **model_kwargs)
+    architecture = _architecture_of(m, source)
+    if architecture is not None:
+        return _for_model(architecture, model_kwargs)
+    return _from_hub(source, model_kwargs)
+
+
+def _for_model(values: dict, model_kwargs: dict) -> PretrainedConfig:
+    values = dict(values)
+    if "model_type" not in values:
+        raise ToolkitError("model.config needs a model_type (e.g. llama, bert, gpt2, vit)")
+    return AutoConfig.for_model(values.pop("model_type"), **values, **model_kwargs)
+
+
+def _architecture_of(m: DictConfig, source: str) -> dict | None:
+    """model.architecture, if it describes `source`: one that names another hub id (a YAML's numbers after
+    `model.name_or_path=<other model>`) would silently estimate the wrong model, so it is not used."""
+    architecture = m.get("architecture")
+    if architecture is None:
+        return None
+    values = OmegaConf.to_container(architecture, resolve=True)
+    return values if values.get("name_or_path", source) == source else None
+
+
+def _from_hub(source: str, model_kwargs: dict) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(source, **model_kwargs)
+    except OSError as err:  # offline, unknown id, gated without a login: the hub's own text is many lines
+        raise ToolkitError(
+            f"cannot read the config of model '{source}': it is not a local directory, no model.architecture "
+            "describes it, and the hub could not give it; set model.architecture to its HF config "
+            "(model_type, hidden_size, num_hidden_layers, ...) or point model.name_or_path at a local "
+            "directory holding its config.json"
+        ) from err
 
 
 def count_states(cfg: DictConfig, task: Any, hf_config: PretrainedConfig) -> tuple[ModelStates, int, int]:
@@ -74,13 +119,25 @@ def count_states(cfg: DictConfig, task: Any, hf_config: PretrainedConfig) -> tup
     return ModelStates(weight_bytes, grad_bytes, n_trainable * (8 + master)), total, n_trainable
 
 
-def activation_bytes(cfg: DictConfig, hf_config) -> int:
+def positions(cfg: DictConfig, hf_config: PretrainedConfig) -> int:
+    """Positions each layer sees per example: the data's tokens (or items), else a ViT's patches + [CLS]."""
+    if "max_length" in cfg.data:
+        return cfg.data.max_length
+    patch = getattr(hf_config, "patch_size", None)
+    return (hf_config.image_size // patch) ** 2 + 1 if patch else 1
+
+
+def activation_bytes(cfg: DictConfig, hf_config: PretrainedConfig) -> int:
     """Rough activations of one micro-batch per device (16-bit; doubled for 32-bit training)."""
-    s, b = cfg.data.max_length, cfg.data.batch_size
+    s, b = positions(cfg, hf_config), cfg.data.batch_size
+    scale = 2 if str(cfg.trainer.precision).startswith("32") else 1
+    if hf_config.model_type == "toolkit_mlp":
+        # no attention: each Linear keeps its input and each ReLU its output for the backward pass
+        widths = [hf_config.image_size**2 * hf_config.num_channels, *hf_config.hidden_sizes]
+        return b * (sum(widths) + sum(hf_config.hidden_sizes)) * 2 * scale
     h = getattr(hf_config, "hidden_size", 0)
     layers, heads = getattr(hf_config, "num_hidden_layers", 0), getattr(hf_config, "num_attention_heads", 1)
     per_layer = s * b * h * (34 + 5 * heads * s / max(h, 1))
-    scale = 2 if str(cfg.trainer.precision).startswith("32") else 1
     return int(layers * per_layer * scale)
 
 
@@ -95,6 +152,8 @@ def per_device(states: ModelStates, strategy: str, ranks: int) -> dict[str, floa
 
 def estimate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     task = instantiate(cfg.task)
+    if hasattr(task, "bind"):  # the model's shape comes from the data (next-item: the item vocabulary)
+        task.bind(instantiate(cfg.data))
     hf_config = model_config(cfg, **task.model_kwargs())
     states, total, trainable = count_states(cfg, task, hf_config)
     ranks = (cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1) * cfg.trainer.num_nodes
@@ -107,7 +166,7 @@ def estimate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         rows[strategy] = row
     console.print(
         f"{total:,} parameters, {trainable:,} trainable; {ranks} ranks; "
-        f"micro-batch {cfg.data.batch_size} x {cfg.data.max_length} tokens"
+        f"micro-batch {cfg.data.batch_size} x {positions(cfg, hf_config)} positions"
     )
     return rows
 

@@ -80,7 +80,7 @@ class TaskModule(L.LightningModule):
         trainable, total = trainable_summary(self.model)  # before sharding: whole-model counts
         if hasattr(strategy, "shard"):
             strategy.shard(self.model, list(base._no_split_modules or []))
-        if self._trainer is None or self._trainer.is_global_zero:
+        if self._trainer is not None and self._trainer.is_global_zero:  # once, when training
             console.print(
                 f"[bold]trainable parameters[/]: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
             )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_class
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
@@ -195,3 +196,24 @@ class FSDP2Strategy(ModelParallelStrategy):
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
+
+
+STRATEGY_KINDS = ("single", "ddp", "deepspeed", "fsdp2")
+
+
+def strategy_kind(strategy: Any) -> str:
+    """single | ddp | deepspeed | fsdp2 for a `strategy` config (a `_target_` class, or Lightning's name).
+
+    Answered from the class itself, so a user's subclass of one of these is recognised as its family.
+    """
+    target = strategy.get("_target_") if strategy else None
+    if not target:
+        name = (strategy or {}).get("name", "auto")
+        return {"ddp": "ddp", "deepspeed": "deepspeed", "fsdp": "fsdp2"}.get(
+            str(name).split("_")[0], "single"
+        )
+    cls = get_class(target)
+    for kind, family in (("deepspeed", LightningDeepSpeedStrategy), ("fsdp2", ModelParallelStrategy)):
+        if issubclass(cls, family):
+            return kind
+    return "ddp" if issubclass(cls, DDPStrategy) else "single"

@@ -1,8 +1,7 @@
-"""Build the Lightning Trainer from config: strategy, logger, callbacks, thread settings."""
+"""Build the Lightning Trainer from config: strategy, loggers, callbacks, plugins, thread settings."""
 
 from __future__ import annotations
 
-import netrc
 import os
 from pathlib import Path
 from typing import Any
@@ -10,20 +9,15 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from toolkit.console import console
-from toolkit.layout import (
-    recipe_name,
-    run_id,
-)
-from toolkit.redaction import redact
 from toolkit.training.callbacks import build_callbacks
 from toolkit.training.checkpoints import (
     AtomicCheckpointIO,
 )
+from toolkit.training.loggers import build_logger
+from toolkit.training.strategies import strategy_kind
 
 
 def configure_threads(devices: int, accelerator: str) -> None:
@@ -35,46 +29,9 @@ def configure_threads(devices: int, accelerator: str) -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def wandb_offline_default() -> bool:
-    """Offline unless W&B credentials are configured (env key or a ~/.netrc entry)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return False
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return True
-
-
-def build_logger(logger_cfg: DictConfig | None, run_dir: Path, cfg: DictConfig) -> Any:
-    if not logger_cfg:
-        return False
-    target = logger_cfg.get("_target_", "")
-    if target.endswith("WandbLogger"):
-        wandb_dir = run_dir / "wandb"
-        wandb_dir.mkdir(parents=True, exist_ok=True)
-        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-            os.environ.setdefault(var, str(wandb_dir))  # otherwise W&B writes under ~ as well
-        offline = logger_cfg.get("offline")
-        logger = instantiate(
-            logger_cfg,
-            save_dir=str(run_dir),
-            offline=wandb_offline_default() if offline is None else offline,
-            # one W&B run per run directory: a resumed or requeued job continues it instead of starting anew
-            id=logger_cfg.get("id") or run_id(run_dir),
-            name=logger_cfg.get("name") or recipe_name(),
-            resume="allow",
-        )
-    else:
-        logger = instantiate(logger_cfg, save_dir=str(run_dir))
-    logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
-    if isinstance(logger, CSVLogger):
-        return logger
-    return [logger, CSVLogger(save_dir=str(run_dir), name="csv")]  # report.md draws its curve from the CSV
-
-
 def plugins(cfg: DictConfig) -> list[Any]:
     found: list[Any] = []
-    if "DeepSpeed" not in (cfg.strategy.get("_target_") or ""):  # DeepSpeed writes its own directories
+    if strategy_kind(cfg.strategy) != "deepspeed":  # DeepSpeed writes its own directories
         found.append(AtomicCheckpointIO())
     if SLURMEnvironment.detect():
         # under Slurm, RequeueOnSignal replaces Lightning's USR1 handler (which saves mid-step)
@@ -100,13 +57,3 @@ def build_trainer(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> L.
         # the data module hands out StatefulDistributedSampler itself (exact mid-epoch resume on DDP)
         use_distributed_sampler=False,
     )
-
-
-def _print_wandb_sync(trainer: L.Trainer) -> None:
-    from lightning.pytorch.loggers import WandbLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero and logger._offline:
-            run_path = Path(logger.experiment.dir).parent
-            console.print(f"W&B run saved offline; upload it with: wandb sync {run_path}")
-            logger.experiment.finish()
