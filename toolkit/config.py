@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_object
@@ -117,6 +118,7 @@ def compose_config(overrides: list[str]) -> DictConfig:
     """The config `toolkit-train <overrides>` would run with, for the other commands (submit, estimate)."""
     register_resolvers()
     overrides = expand_recipe_file(overrides)
+    GlobalHydra.instance().clear()  # an earlier composition in this process would make initialize refuse
     with initialize_config_dir(config_dir=config_dir(), version_base=None):
         cfg = compose("train", overrides=overrides, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve
