@@ -6,8 +6,10 @@ import ast
 from pathlib import Path
 
 import pytest
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from toolkit.tasks.base import Task
 from toolkit.training.strategies import strategy_kind
 
 from .helpers import compose_config
@@ -88,3 +90,13 @@ def test_strategy_kind_of_lightning_names():
     assert strategy_kind(OmegaConf.create({"name": "ddp_spawn"})) == "ddp"
     assert strategy_kind(OmegaConf.create({"name": "auto"})) == "single"
     assert strategy_kind(None) == "single"
+
+
+@pytest.mark.parametrize("task", sorted(p.stem for p in (PACKAGE.parent / "conf" / "task").glob("*.yaml")))
+def test_every_task_keeps_the_task_contract(task):
+    made = instantiate(compose_config(["recipe=quickstart", f"task={task}"]).task)
+    contract = [*Task.__annotations__, "model_kwargs", "metrics", "update", "baselines"]
+    assert not [name for name in contract if not hasattr(made, name)], (
+        f"{task} lacks part of the Task contract"
+    )
+    assert made.mode in ("max", "min")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, PreTrainedModel
 
-from toolkit.tasks.base import model_inputs
+from toolkit.tasks.base import Task, model_inputs
 from toolkit.training.module import TaskModule
 
 
@@ -47,7 +47,7 @@ def distillation_loss(
 class DistillModule(TaskModule):
     """TaskModule whose training loss adds the teacher's soft targets; validation and metrics as usual."""
 
-    def __init__(self, task: Any, teacher: PreTrainedModel, temperature: float, alpha: float, **kwargs):
+    def __init__(self, task: Task, teacher: PreTrainedModel, temperature: float, alpha: float, **kwargs):
         super().__init__(task, **kwargs)
         # a tuple keeps the frozen teacher out of the module's parameters, optimizer and checkpoints
         self._teacher = (teacher.eval().requires_grad_(False),)

@@ -1,4 +1,4 @@
-"""Image classification: a data module over labelled images, tensor-only augmentation, and the task.
+"""Image classification data: labelled images, tensor-only augmentation, and the image processor to export.
 
 Images are held as uint8 tensors and turned into `pixel_values` per batch: optional resize / channel
 conversion to the model's input, scale to [0, 1], train-time augmentation (random crop with zero padding,

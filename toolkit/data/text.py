@@ -1,8 +1,8 @@
-"""LightningDataModules over Hugging Face `datasets`: text classification and chat-template SFT.
+"""Text data: the stateful, rank-aware loaders every tokenized data module shares, and text classification.
 
 `path` is what `load_dataset` takes first: a hub id, a local directory, or a local csv/json/jsonl/parquet/txt
-file. A dataset without ready-made validation/test splits is split once with a fixed seed; the split's
-fingerprint is recorded in the run directory so later stages can refuse a different test set.
+file (toolkit.data.sources). A dataset without ready-made validation/test splits is split once with a fixed
+seed; its fingerprint is recorded in the run directory, so later stages can refuse a different test set.
 """
 
 from __future__ import annotations

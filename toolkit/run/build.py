@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from toolkit.errors import ToolkitError
 from toolkit.models.adapters import adapter_settings
+from toolkit.tasks.base import Task
 from toolkit.training.module import TaskModule
 
 
@@ -32,7 +33,7 @@ def build_task(cfg: DictConfig) -> Any:
     return instantiate(cfg.task)
 
 
-def take_answer_choices(task: Any, data: Any) -> None:
+def take_answer_choices(task: Task, data: Any) -> None:
     """gen_accuracy compares the generated answer's index with the data's `answer_index`, so the task's
     choices must be the data's, in the data's order: they come from `data.answers`. A task given other
     choices would score every answer inverted without a word; it is refused instead."""
@@ -59,7 +60,7 @@ def model_kwargs(cfg: DictConfig, pad_token_id: int | None) -> dict[str, Any]:
     }
 
 
-def build_module(cfg: DictConfig, task: Any, pad_token_id: int | None, total_steps: int = 0) -> TaskModule:
+def build_module(cfg: DictConfig, task: Task, pad_token_id: int | None, total_steps: int = 0) -> TaskModule:
     adapter = adapter_settings(cfg.adapter)
     return TaskModule(
         task,

@@ -10,11 +10,11 @@ import torch
 from rich.table import Table
 
 from toolkit.console import console
-from toolkit.tasks.base import compute_metrics, model_inputs
+from toolkit.tasks.base import Task, compute_metrics, model_inputs
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, task: Any, loader: Any, stage: str = "test") -> dict[str, float]:
+def evaluate_model(model: torch.nn.Module, task: Task, loader: Any, stage: str = "test") -> dict[str, float]:
     """The task's metrics of `model` over `loader` (`stage` "val" skips test-only metrics), as floats."""
     model.eval()
     device = next(model.parameters()).device  # a GPU-only quantized model evaluates where it lives

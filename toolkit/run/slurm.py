@@ -1,7 +1,7 @@
-"""Slurm: `toolkit-submit` renders an sbatch script from the composed config and submits it; a callback
-checkpoints and requeues the job when Slurm warns with SIGUSR1 (time limit or preemption).
+"""The sbatch script `toolkit-submit` renders from the composed config, and submitting it with `sbatch`.
 
-    toolkit-submit recipe=nlp/llama3_8b_lora_sft slurm=gpu slurm.nodes=2 [--dry-run]
+The callback that checkpoints and requeues on SIGUSR1 lives with the other callbacks
+(toolkit.training.callbacks.RequeueOnSignal).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The pipeline: train -> export -> [prune] -> [distill] -> quantize -> evaluate -> report; each stage reads
+"""The stages: train -> export -> [prune] -> [distill] -> quantize -> evaluate -> report; each stage reads
 the previous one's artifact from the run dir.
 
 Stages always run in this order; a stage that `stages` does not list is skipped, so any stage can be rerun
@@ -45,6 +45,7 @@ from toolkit.run.build import (
 from toolkit.run.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
 from toolkit.run.manifest import verify_manifest, write_manifest
 from toolkit.run.report import metrics_of, write_report
+from toolkit.tasks.base import Task
 from toolkit.training.checkpoints import (
     find_checkpoint,
     load_weights,
@@ -260,7 +261,7 @@ def quantize_stage(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def metric_gate(
-    before: Any, after: Any, task: Any, loader: Any, max_drop: float, before_name: str
+    before: Any, after: Any, task: Task, loader: Any, max_drop: float, before_name: str
 ) -> dict[str, Any]:
     """Validation primary metric before and after compression; a ToolkitError when it drops too far.
 

@@ -1,9 +1,34 @@
-"""What every task shares: the keys a HF forward takes, and reading a metric collection."""
+"""The task contract, and what every task shares: the keys a HF forward takes, reading a metric collection.
+
+A task says what a batch looks like to the model, which HF Auto class holds the model, and which metrics
+judge it. The loss comes from the HF model's own output unless the task defines `training_loss`.
+"""
 
 from __future__ import annotations
 
+from typing import Any, ClassVar, Protocol
+
 import torch
 from torchmetrics import MetricCollection
+
+
+class Task(Protocol):
+    """What TaskModule, the stages and the estimator ask of a task. Optional, where a task has them:
+    `training_loss(model, batch)`, `bind(data)` (model shape from the data, e.g. an item vocabulary),
+    `save_figures(variants, loader, directory)` (e.g. a confusion matrix), `answer_choices`."""
+
+    auto_class: ClassVar[Any]  # the transformers Auto class that builds and loads the model
+    peft_task_type: ClassVar[str | None]  # PEFT's task type for the adapter (None: modules_to_save)
+    primary_metric: str  # what checkpointing, early stopping, the gate and the report use
+    mode: str  # "max" or "min": which way the primary metric improves
+
+    def model_kwargs(self) -> dict[str, Any]: ...  # extra arguments to build or load the model
+    def metrics(self) -> MetricCollection: ...
+    def update(
+        self, metrics: MetricCollection, model: Any, batch: dict, outputs: Any, stage: str
+    ) -> None: ...
+    def baselines(self, data: Any) -> dict[str, dict[str, float]]: ...  # e.g. majority, popularity
+
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "position_ids")
 

@@ -1,9 +1,4 @@
-"""Tasks: what a batch looks like, which HF Auto class holds the model, and which metrics judge it.
-
-The loss comes from the HF model's own output (for causal LMs its LM head runs on the labelled positions
-only, same loss); a task adds metrics and its primary metric (the one that checkpointing, early stopping
-and the report use).
-"""
+"""Causal LM / SFT: the LM head run only where labels are, perplexity, and generated-label accuracy."""
 
 from __future__ import annotations
 

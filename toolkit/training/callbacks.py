@@ -1,11 +1,5 @@
-"""What a training rank costs: median step time, peak RSS, and the bytes of tensors it actually holds.
-
-    toolkit-train ... +callbacks.resources._target_=toolkit.training.callbacks.ResourceReport \
-        +callbacks.resources.path=resources
-
-writes `<path>/rank<N>.json` for every rank when training ends. The tensor census walks every live tensor
-(parameters, gradients, optimizer states, DeepSpeed's flat partitions and buckets, FSDP2's local shards)
-and counts each storage once, so it measures what a strategy really keeps, whatever its bookkeeping.
+"""Every Lightning callback the toolkit adds: checkpoints (best, last), exact RNG resume, Slurm requeue on
+SIGUSR1, and the resource meters the benchmarks attach (step time, peak RSS, tensors held).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Checkpoint helpers: RNG state that resumes exactly, atomic file and directory writes, finding and
-checking a run's checkpoint."""
+"""Checkpoints: atomic .ckpt writes and directory swaps, finding, checking and reading a run's checkpoint
+(a file, a DeepSpeed ZeRO directory or a torch DCP directory), and the resume choice.
+"""
 
 from __future__ import annotations
 

@@ -31,6 +31,7 @@ from toolkit.errors import ToolkitError
 from toolkit.models.adapters import adapter_settings, apply_adapter
 from toolkit.models.build import check_source as check_source
 from toolkit.models.build import torch_dtype
+from toolkit.tasks.base import Task
 
 GB = 1024**3
 
@@ -103,7 +104,7 @@ def _from_hub(source: str, model_kwargs: dict) -> PretrainedConfig:
         ) from err
 
 
-def count_states(cfg: DictConfig, task: Any, hf_config: PretrainedConfig) -> tuple[ModelStates, int, int]:
+def count_states(cfg: DictConfig, task: Task, hf_config: PretrainedConfig) -> tuple[ModelStates, int, int]:
     """Build the model (and adapter) on the meta device; returns states and (total, trainable) counts."""
     dtype = torch_dtype(cfg.model.dtype)
     with torch.device("meta"):

@@ -21,7 +21,7 @@ from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.models.adapters import apply_adapter, is_adapter, trainable_summary
 from toolkit.models.build import build_model
-from toolkit.tasks.base import compute_metrics, model_inputs
+from toolkit.tasks.base import Task, compute_metrics, model_inputs
 
 
 def build_optimizer(
@@ -41,7 +41,7 @@ def build_optimizer(
 class TaskModule(L.LightningModule):
     def __init__(
         self,
-        task: Any,
+        task: Task,
         model: dict[str, Any] | None = None,
         adapter: dict[str, Any] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
