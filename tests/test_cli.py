@@ -92,7 +92,8 @@ def test_wandb_offline_run_reads_back(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
     env["HOME"] = str(tmp_path)  # no ~/.netrc credentials: the logger must choose offline by itself
     result = toolkit_train(
-        [*TINY, "trainer.max_steps=4", "trainer.log_every_n_steps=1", "stages=[train]"], tmp_path, env=env
+        # 8 steps: the whole epoch of 64 examples, so that the epoch-end validation logs val/accuracy
+        [*TINY, "trainer.max_steps=8", "trainer.log_every_n_steps=1", "stages=[train]"], tmp_path, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)
@@ -108,7 +109,8 @@ def test_wandb_offline_run_reads_back(tmp_path):
     )
     assert summary.returncode == 0, summary.stderr
     text = summary.stdout
-    assert "train/loss" in text and "val/accuracy" in text
+    logged = json.loads(text)["summary"]
+    assert "train/loss" in logged and "val/accuracy" in logged
     assert "rotten_tomatoes" in text or "label_names" in text, "the resolved config is logged"
 
 

@@ -14,11 +14,11 @@ from toolkit.data.sources import (
     check_columns,
     encode_labels,
 )
-from toolkit.data.text import _HFData
+from toolkit.data.text import TokenizedData
 from toolkit.errors import ToolkitError
 
 
-class ChatSFTData(_HFData):
+class ChatSFTData(TokenizedData):
     """Instruction pairs rendered with the tokenizer's chat template; the loss covers the answer only.
 
     The user turn is `prompt_template` filled with the row (`{text}` etc.); the answer is the row's

@@ -35,7 +35,7 @@ LENGTH_GROUP_BATCHES = (
 )
 
 
-class _HFData(L.LightningDataModule):
+class TokenizedData(L.LightningDataModule):
     """Loaders shared by the data modules: stateful (exactly resumable mid-epoch) and rank-aware."""
 
     def __init__(
@@ -140,7 +140,7 @@ class _HFData(L.LightningDataModule):
         )
 
 
-class TextClassificationData(_HFData):
+class TextClassificationData(TokenizedData):
     """Texts with a label column -> input_ids, attention_mask, labels (padded per batch)."""
 
     def __init__(
