@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toolkit.data.sources import _load_raw
+from toolkit.data.sources import load_raw
 from toolkit.errors import ToolkitError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -72,13 +72,14 @@ def _stack(images: list[torch.Tensor], sources: list[str]) -> torch.Tensor:
     for image, source in zip(images, sources, strict=True):
         if image.shape != first:
             raise ToolkitError(
-                f"image {source} is {_describe(image.shape)} but {sources[0]} is {_describe(first)}; "
+                f"image {source} is {describe_shape(image.shape)} but {sources[0]} is "
+                f"{describe_shape(first)}; "
                 "all images must share one size and channel count (or set data.resize=true)"
             )
     return torch.stack(images)
 
 
-def _describe(shape: tuple[int, ...]) -> str:
+def describe_shape(shape: tuple[int, ...]) -> str:
     c, h, w = shape[-3:]
     return f"{h}x{w} with {c} channel{'s' if c != 1 else ''}"
 
@@ -117,7 +118,7 @@ def load_pixel_csv(path: Path) -> dict[str, Split]:
 def load_hf(
     path: str, name: str | None, image_column: str, label_column: str
 ) -> tuple[dict[str, Split], list]:
-    raw = _load_raw(path, name)
+    raw = load_raw(path, name)
     splits, names = {}, None
     for split in ("train", "validation", "test"):
         if split not in raw:

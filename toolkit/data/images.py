@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from transformers import ViTImageProcessor
 
 import toolkit.models.mlp  # noqa: F401  (registers its model types)
-from toolkit.data.image_files import _describe, load_images
+from toolkit.data.image_files import describe_shape, load_images
 from toolkit.data.samplers import SplitLoaders
 from toolkit.errors import ToolkitError
 
@@ -157,7 +157,8 @@ class ImageClassificationData(SplitLoaders):
         expected = (self.num_channels, self.image_size, self.image_size)
         if tuple(images.shape[1:]) != expected and not self.resize:
             raise ToolkitError(
-                f"{split} images are {_describe(images.shape)} but the model expects {_describe(expected)} "
+                f"{split} images are {describe_shape(images.shape)} but the model expects "
+                f"{describe_shape(expected)} "
                 f"(data.image_size={self.image_size}, data.num_channels={self.num_channels}); "
                 "set data.resize=true to resize and convert them"
             )

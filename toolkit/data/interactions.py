@@ -23,7 +23,7 @@ import torch
 
 import toolkit.models.recommenders  # noqa: F401  (registers its model types)
 from toolkit.data.samplers import SplitLoaders
-from toolkit.data.sources import _load_raw
+from toolkit.data.sources import load_raw
 from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ VOCAB_FILE = "item_vocab.json"
 
 def load_interactions(path: str, name: str | None, columns: list[str]) -> pd.DataFrame:
     """The (user, item, time) columns of `path` as a DataFrame, in file order."""
-    raw = _load_raw(path, name)
+    raw = load_raw(path, name)
     table = raw["train"] if "train" in raw else raw[next(iter(raw))]
     missing = [c for c in columns if c not in table.column_names]
     if missing:

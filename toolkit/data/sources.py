@@ -27,7 +27,7 @@ SPLITS = ("train", "validation", "test")
 
 def load_splits(path: str, name: str | None, val_size: float, test_size: float, seed: int) -> DatasetDict:
     """Load `path` (hub id, directory or file) and return train/validation/test splits."""
-    raw = _load_raw(path, name)
+    raw = load_raw(path, name)
     if all(s in raw for s in SPLITS):
         return DatasetDict({s: raw[s] for s in SPLITS})
     base = raw["train"] if "train" in raw else raw[next(iter(raw))]
@@ -37,7 +37,7 @@ def load_splits(path: str, name: str | None, val_size: float, test_size: float, 
     return DatasetDict(train=rest["train"], validation=rest["test"], test=first["test"])
 
 
-def _load_raw(path: str, name: str | None) -> DatasetDict:
+def load_raw(path: str, name: str | None) -> DatasetDict:
     local = Path(path)
     try:
         if local.is_file():
