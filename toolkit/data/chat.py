@@ -1,7 +1,14 @@
-"""Chat SFT data: rows rendered with the tokenizer's chat template, the loss on the answer only."""
+"""Chat SFT data: conversations in any common shape, rendered with the tokenizer's chat template.
+
+`data.format` picks the shape: `prompt_response` (one user turn from `prompt_template`, the answer from a
+column or a label), `messages`, `sharegpt`, `alpaca` (toolkit.data.conversations), or `text` (continued
+pretraining: every token is trained on). Rows that cannot be read are counted; more than
+`data.max_bad_fraction` of them fails the run, naming the first bad row.
+"""
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Any
 
@@ -9,6 +16,14 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from toolkit.data.conversations import (
+    SHAREGPT_ROLES,
+    TRAIN_ON,
+    alpaca_messages,
+    check_trainable,
+    fit_by_turns,
+    parse_messages,
+)
 from toolkit.data.packing import collate_packed, pack_dataset
 from toolkit.data.sources import (
     check_columns,
@@ -16,6 +31,17 @@ from toolkit.data.sources import (
 )
 from toolkit.data.text import TokenizedData
 from toolkit.errors import ToolkitError
+
+log = logging.getLogger(__name__)
+
+
+def check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ToolkitError(f"{key}='{value}' is not supported; valid: {', '.join(valid)}")
+
+
+FORMATS = ("prompt_response", "messages", "sharegpt", "alpaca", "text")
+TOO_LONG = "too long"
 
 
 class ChatSFTData(TokenizedData):
@@ -30,7 +56,16 @@ class ChatSFTData(TokenizedData):
 
     def __init__(
         self,
-        prompt_template: str,
+        prompt_template: str | None = None,
+        format: str = "prompt_response",
+        messages_column: str | None = None,
+        text_column: str = "text",
+        role_key: str | None = None,
+        content_key: str | None = None,
+        roles: dict[str, str] | None = None,
+        input_template: str = "{instruction}\n\n{input}",
+        train_on: str = "assistant",
+        max_bad_fraction: float = 0.0,
         response_column: str | None = None,
         label_column: str | None = None,
         answers: dict[str, str] | None = None,
@@ -48,10 +83,23 @@ class ChatSFTData(TokenizedData):
                 "a packed row must hold the longest example"
             )
         self.group_by_length = self.group_by_length and not packing  # packed rows are all about full
-        if (response_column is None) == (label_column is None):
+        check_choice("data.format", format, FORMATS)
+        check_choice("data.train_on", train_on, TRAIN_ON)
+        if format == "prompt_response" and (response_column is None) == (label_column is None):
             raise ToolkitError(
                 "set exactly one of data.response_column and data.label_column (with data.answers)"
             )
+        self.format, self.train_on, self.max_bad_fraction = format, train_on, max_bad_fraction
+        messages_column = messages_column or ("conversations" if format == "sharegpt" else "messages")
+        self.messages_column, self.text_column, self.input_template = (
+            messages_column,
+            text_column,
+            input_template,
+        )
+        sharegpt = format == "sharegpt"
+        self.role_key = role_key or ("from" if sharegpt else "role")
+        self.content_key = content_key or ("value" if sharegpt else "content")
+        self.roles = dict(roles) if roles else (dict(SHAREGPT_ROLES) if sharegpt else None)
         self.prompt_template, self.system_prompt = prompt_template, system_prompt
         self.response_column, self.label_column = response_column, label_column
         self.answers = dict(answers or {})
@@ -63,6 +111,10 @@ class ChatSFTData(TokenizedData):
         return list(dict.fromkeys(self.answers.values()))
 
     def prepare(self, dataset: Dataset) -> Dataset:
+        if self.format == "text":
+            return self.prepare_text(dataset)
+        if self.format != "prompt_response":
+            return self.prepare_conversations(dataset)
         check_columns(dataset, {"response_column": self.response_column, "label_column": self.label_column})
         if self.label_column is not None:
             names = list(self.answers)
@@ -81,6 +133,65 @@ class ChatSFTData(TokenizedData):
         )
         return dataset.map(encode, remove_columns=dataset.column_names, desc="chat template")
 
+    def prepare_text(self, dataset: Dataset) -> Dataset:
+        """Raw text: every token is a target (the model's loss shifts by one itself)."""
+        check_columns(dataset, {"text_column": self.text_column})
+
+        def tokenize(rows: dict) -> dict:
+            ids = self.tokenizer(
+                [str(t) for t in rows[self.text_column]], truncation=True, max_length=self.max_length
+            )
+            return {"input_ids": ids["input_ids"], "labels": ids["input_ids"]}
+
+        return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenize")
+
+    def prepare_conversations(self, dataset: Dataset) -> Dataset:
+        column = None if self.format == "alpaca" else self.messages_column
+        check_columns(dataset, {"messages_column": column})
+        encoded = dataset.map(self.encode_row, remove_columns=dataset.column_names, desc="chat template")
+        problems = [(row, why) for row, why in zip(encoded["_row"], encoded["_problem"], strict=True) if why]
+        bad = [(row, why) for row, why in problems if why != TOO_LONG]
+        if bad and len(bad) > self.max_bad_fraction * len(dataset):
+            row, why = bad[0]
+            raise ToolkitError(
+                f"data row {row} of '{self.path}': {why}; {len(bad)} of {len(dataset)} rows are bad, more "
+                f"than data.max_bad_fraction={self.max_bad_fraction} allows"
+            )
+        if bad:
+            log.warning(
+                "skipped %d of %d rows that cannot be read (first: row %d, %s)",
+                len(bad),
+                len(dataset),
+                *bad[0],
+            )
+        too_long = len(problems) - len(bad)
+        if too_long:
+            log.warning(
+                "skipped %d of %d conversations longer than data.max_length=%d without earlier turns",
+                too_long,
+                len(dataset),
+                self.max_length,
+            )
+        return encoded.filter(lambda r: not r["_problem"]).remove_columns(["_row", "_problem"])
+
+    def encode_row(self, row: dict) -> dict:
+        """One row -> input_ids, labels (and `_problem`: why it is skipped, empty when it is not)."""
+        if self.format == "alpaca":
+            messages, why = alpaca_messages(row, self.input_template, self.system_prompt)
+        else:
+            messages, why = parse_messages(
+                row[self.messages_column], self.role_key, self.content_key, self.roles
+            )
+            if messages and self.system_prompt and messages[0]["role"] != "system":
+                messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        why = why or check_trainable(messages, self.train_on)
+        encoded = None
+        if not why:
+            encoded, _ = fit_by_turns(self.tokenizer, messages, self.max_length, self.train_on)
+            why = "" if encoded else TOO_LONG
+        encoded = encoded or {"input_ids": [], "labels": []}
+        return {**encoded, "_row": row["_row"], "_problem": why or ""}
+
     def setup(self, stage: str | None = None) -> None:
         fresh = self.splits is None
         super().setup(stage)
@@ -95,15 +206,13 @@ class ChatSFTData(TokenizedData):
         batch = {
             "input_ids": _pad([f["input_ids"] for f in features], pad_id, left=False, width=width),
             "labels": _pad([f["labels"] for f in features], -100, left=False, width=width),
-            "prompt_input_ids": _pad([f["prompt_input_ids"] for f in features], pad_id, left=True),
-            "answer_index": torch.tensor([f["answer_index"] for f in features]),
+            "attention_mask": _pad([[1] * len(f["input_ids"]) for f in features], 0, left=False, width=width),
         }
-        batch["attention_mask"] = _pad(
-            [[1] * len(f["input_ids"]) for f in features], 0, left=False, width=width
-        )
-        batch["prompt_attention_mask"] = _pad(
-            [[1] * len(f["prompt_input_ids"]) for f in features], 0, left=True
-        )
+        if "prompt_input_ids" in features[0]:  # single-turn prompts: generation metrics need the prompt alone
+            prompts = [f["prompt_input_ids"] for f in features]
+            batch["prompt_input_ids"] = _pad(prompts, pad_id, left=True)
+            batch["prompt_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True)
+            batch["answer_index"] = torch.tensor([f["answer_index"] for f in features])
         return batch
 
 

@@ -27,7 +27,7 @@ SPLITS = ("train", "validation", "test")
 
 def load_splits(path: str, name: str | None, val_size: float, test_size: float, seed: int) -> DatasetDict:
     """Load `path` (hub id, directory or file) and return train/validation/test splits."""
-    raw = load_raw(path, name)
+    raw = DatasetDict({split: numbered(rows) for split, rows in load_raw(path, name).items()})
     if all(s in raw for s in SPLITS):
         return DatasetDict({s: raw[s] for s in SPLITS})
     base = raw["train"] if "train" in raw else raw[next(iter(raw))]
@@ -35,6 +35,11 @@ def load_splits(path: str, name: str | None, val_size: float, test_size: float, 
     first = base.train_test_split(test_size=test_size, seed=seed)
     rest = first["train"].train_test_split(test_size=val_size / (1 - test_size), seed=seed)
     return DatasetDict(train=rest["train"], validation=rest["test"], test=first["test"])
+
+
+def numbered(rows: Dataset) -> Dataset:
+    """`_row`: each row's index in its file, so that a data module can name a bad row as the user sees it."""
+    return rows if "_row" in rows.column_names else rows.add_column("_row", list(range(len(rows))))
 
 
 def load_raw(path: str, name: str | None) -> DatasetDict:
