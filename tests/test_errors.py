@@ -41,6 +41,12 @@ class Case:
 REVIEWS = b"review,category\n" + b"".join(
     b"great film %d,fresh\nawful %d,rotten\n" % (i, i) for i in range(20)
 )
+CHAT_ROWS = b"".join(
+    b'{"messages": [{"role": "user", "content": "Q%d"}, {"role": "assistant", "content": "A%d"}]}\n' % (i, i)
+    if i != 3
+    else b'{"messages": [{"role": "bot", "content": "hi"}]}\n'
+    for i in range(20)
+)
 CATALOGUE = {
     "unknown recipe": Case(
         "config", ["recipe=nope"], "Could not find 'recipe/nope'; available options in 'recipe': quickstart"
@@ -235,6 +241,18 @@ CATALOGUE = {
         ["recipe=nlp/smollm2_lora_sft", "task.answer_choices=[positive,negative]", "logger=none"],
         "task.answer_choices ['positive', 'negative'] disagree with the answers of data.answers, in order "
         "['negative', 'positive']; drop task.answer_choices (the choices come from data.answers)",
+    ),
+    "unknown chat format": Case(
+        "data",
+        ["recipe=nlp/smollm2_lora_sft", "data.format=xml", "logger=none"],
+        "data.format='xml' is not supported; valid: prompt_response, messages, sharegpt, alpaca, text",
+    ),
+    "unreadable chat row": Case(
+        "data",
+        ["recipe=nlp/smollm2_lora_sft", "data.format=messages", "data.path={tmp}/chat.jsonl", "logger=none"],
+        "data row 3 of '{tmp}/chat.jsonl': turn 0 has unknown role 'bot' (valid: system, user, assistant, "
+        "tool); 1 of 16 rows are bad, more than data.max_bad_fraction=0.0 allows",
+        files={"chat.jsonl": CHAT_ROWS},
     ),
 }
 

@@ -108,6 +108,8 @@ class ChatSFTData(TokenizedData):
     @property
     def answer_choices(self) -> list[str]:
         """The distinct answers, when answers are labels (used by the generated-label accuracy)."""
+        if self.format != "prompt_response":  # conversations carry no label to generate
+            return []
         return list(dict.fromkeys(self.answers.values()))
 
     def prepare(self, dataset: Dataset) -> Dataset:
