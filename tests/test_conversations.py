@@ -12,7 +12,14 @@ from transformers import AutoTokenizer
 
 from toolkit.data.assets import asset_path
 from toolkit.data.chat import ChatSFTData
-from toolkit.data.conversations import IGNORE, encode_conversation, fit_by_turns
+from toolkit.data.conversations import (
+    IGNORE,
+    SHAREGPT_ROLES,
+    alpaca_messages,
+    encode_conversation,
+    fit_by_turns,
+    parse_messages,
+)
 from toolkit.errors import ToolkitError
 
 TEMPLATES = Path(__file__).parent / "golden" / "chat_templates"
@@ -200,3 +207,22 @@ def test_text_format_trains_on_every_token(tmp_path):
     data = chat_data(path, tmp_path / "tok", format="text")
     row = data.splits["train"][0]
     assert row["labels"] == row["input_ids"] and len(row["input_ids"]) > 5
+
+
+def read_jsonl(path: str) -> list[dict]:
+    # split on newlines only: str.splitlines() also breaks at U+2028 and friends, which turns contain
+    return [json.loads(line) for line in Path(path).read_text().split("\n") if line]
+
+
+def test_the_chat_assets_read_as_conversations():
+    """ShareGPT (cleaned of its cut-off record, empty and continuation chunks), chitchat (two humans, the
+    first one the user) and LLaMA-Factory's alpaca demo: every row parses."""
+    rows = read_jsonl(asset_path("sharegpt"))
+    assert len(rows) == 11205  # of 17,671 complete records: 126 empty, 6,340 continuation chunks dropped
+    assert all(parse_messages(r["conversations"], "from", "value", SHAREGPT_ROLES)[0] for r in rows)
+    chats = read_jsonl(asset_path("chitchat"))
+    assert len(chats) == 7168 and sum(len(c["messages"]) for c in chats) == 138737
+    assert all(c["messages"][0]["role"] == "user" for c in chats if c["messages"])
+    alpaca = json.loads(Path(asset_path("alpaca_en_demo")).read_text())
+    assert len(alpaca) == 999 and all(alpaca_messages(r)[0] for r in alpaca)
+    assert len(json.loads(Path(asset_path("dpo_en_demo")).read_text())) == 300

