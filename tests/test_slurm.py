@@ -61,7 +61,10 @@ def wait(job: str, timeout: float = 300) -> None:
 
 
 def logs(run_dir: Path) -> str:
-    return "".join(p.read_text(errors="replace") for p in sorted(run_dir.glob("slurm-*.*")))
+    """What the job printed (slurm-<job>.out/.err) and what every rank logged to the run's train.log
+    (Lightning's info lines, such as the rank table and the restore message, go there only)."""
+    files = [*sorted(run_dir.glob("slurm-*.*")), run_dir / "train.log"]
+    return "".join(p.read_text(errors="replace") for p in files if p.exists())
 
 
 def test_submit_runs_every_stage_under_sbatch(tmp_path):
