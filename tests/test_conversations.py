@@ -226,3 +226,44 @@ def test_the_chat_assets_read_as_conversations():
     alpaca = json.loads(Path(asset_path("alpaca_en_demo")).read_text())
     assert len(alpaca) == 999 and all(alpaca_messages(r)[0] for r in alpaca)
     assert len(json.loads(Path(asset_path("dpo_en_demo")).read_text())) == 300
+
+
+def test_sources_mix_by_weight_and_each_keeps_its_own_split(tmp_path):
+    """A messages file and an alpaca file, weights 0.7 / 0.3: the first 10,000 training rows are within 2%
+    of the weights; the held-out splits are each source's own; data_split.json's record lists both."""
+    tokenizer_with("smollm2", tmp_path / "tok")
+    chats = [
+        {"messages": [{"role": "user", "content": f"Q{i}"}, {"role": "assistant", "content": f"A{i}"}]}
+        for i in range(10000)
+    ]
+    tasks = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i in range(5000)]
+    sources = [
+        {"path": str(write_jsonl(tmp_path / "chats.jsonl", chats)), "format": "messages", "weight": 0.7},
+        {"path": str(write_jsonl(tmp_path / "tasks.jsonl", tasks)), "format": "alpaca", "weight": 0.3},
+    ]
+    data = ChatSFTData(path=None, tokenizer=str(tmp_path / "tok"), sources=sources, max_length=64, seed=0)
+    data.setup()
+    drawn = data.splits["train"]["_source"][:10000]
+    assert len(drawn) == 10000 and abs(drawn.count(1) / 10000 - 0.3) < 0.02
+    assert sorted(set(data.splits["test"]["_source"])) == [0, 1]
+    assert len(data.splits["test"]) == 1000 + 500  # each source's own 10% test split
+    record = data.split_fingerprints()
+    assert [s["format"] for s in record["sources"]] == ["messages", "alpaca"]
+    assert [s["test"]["rows"] for s in record["sources"]] == [1000, 500]
+    again = ChatSFTData(path=None, tokenizer=str(tmp_path / "tok"), sources=sources, max_length=64, seed=0)
+    assert again.split_fingerprints() == record  # the same mixture, in the same order, every time
+
+
+@pytest.mark.parametrize(
+    "sources,message",
+    [
+        (
+            [{"format": "messages"}],
+            "data.sources[0] has no path; each source needs path (and format, weight)",
+        ),
+        ([{"path": "x.jsonl", "weight": 0}], "data.sources[0].weight=0 must be a positive number"),
+    ],
+)
+def test_a_bad_source_is_refused(sources, message):
+    with pytest.raises(ToolkitError, match=re.escape(message)):
+        ChatSFTData(path=None, tokenizer="unused", sources=sources)

@@ -13,7 +13,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetDict, concatenate_datasets, interleave_datasets
 from transformers import PreTrainedTokenizerBase
 
 from toolkit.data.conversations import (
@@ -26,6 +26,7 @@ from toolkit.data.conversations import (
 )
 from toolkit.data.packing import collate_packed, pack_dataset
 from toolkit.data.sources import (
+    SPLITS,
     check_columns,
     encode_labels,
 )
@@ -35,12 +36,23 @@ from toolkit.errors import ToolkitError
 log = logging.getLogger(__name__)
 
 
+def check_source(source: dict[str, Any], index: int) -> dict[str, Any]:
+    """A data.sources entry: a path, and a positive weight (default 1)."""
+    if not source.get("path"):
+        raise ToolkitError(f"data.sources[{index}] has no path; each source needs path (and format, weight)")
+    weight = source.setdefault("weight", 1.0)
+    if not isinstance(weight, int | float) or weight <= 0:
+        raise ToolkitError(f"data.sources[{index}].weight={weight} must be a positive number")
+    return source
+
+
 def check_choice(key: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
         raise ToolkitError(f"{key}='{value}' is not supported; valid: {', '.join(valid)}")
 
 
 FORMATS = ("prompt_response", "messages", "sharegpt", "alpaca", "text")
+MIX_STOPPING = ("first_exhausted", "all_exhausted")  # stop the mixture when one source / every source ran out
 TOO_LONG = "too long"
 
 
@@ -73,9 +85,18 @@ class ChatSFTData(TokenizedData):
         system_prompt: str | None = None,
         packing: bool = False,
         pack_length: int | None = None,
+        sources: list[dict[str, Any]] | None = None,
+        mix_stopping: str = "first_exhausted",
         **kwargs: Any,
     ) -> None:
+        # every argument, for the data module of each source of a mixture (which overrides some of them)
+        arguments = dict(locals())
+        self.options = {k: v for k, v in arguments.items() if k not in ("self", "kwargs", "__class__")}
+        self.options.update(kwargs)
         super().__init__(**kwargs)
+        self.sources = [check_source(dict(source), i) for i, source in enumerate(sources or [])]
+        check_choice("data.mix_stopping", mix_stopping, MIX_STOPPING)
+        self.mix_stopping, self.parts = mix_stopping, []
         self.packing, self.pack_length = packing, pack_length or self.max_length
         if packing and self.pack_length < self.max_length:
             raise ToolkitError(
@@ -85,7 +106,8 @@ class ChatSFTData(TokenizedData):
         self.group_by_length = self.group_by_length and not packing  # packed rows are all about full
         check_choice("data.format", format, FORMATS)
         check_choice("data.train_on", train_on, TRAIN_ON)
-        if format == "prompt_response" and (response_column is None) == (label_column is None):
+        single_turn = format == "prompt_response" and not self.sources
+        if single_turn and (response_column is None) == (label_column is None):
             raise ToolkitError(
                 "set exactly one of data.response_column and data.label_column (with data.answers)"
             )
@@ -196,9 +218,57 @@ class ChatSFTData(TokenizedData):
 
     def setup(self, stage: str | None = None) -> None:
         fresh = self.splits is None
-        super().setup(stage)
+        if fresh and self.sources:
+            self.splits = self.mixed_splits()
+        else:
+            super().setup(stage)
         if fresh and self.packing:
             self.splits["train"] = pack_dataset(self.splits["train"], self.pack_length)
+
+    def mixed_splits(self) -> DatasetDict:
+        """data.sources: each source read, split and encoded on its own; the training splits interleaved by
+        weight (a fixed, seeded order, so the sampler resumes a mixture exactly as any dataset), the
+        held-out splits concatenated. `_source` says which source a row came from."""
+        self.parts = [self.source_module(source) for source in self.sources]
+        splits = {}
+        for split in SPLITS:
+            tables = []
+            for i, part in enumerate(self.parts):
+                part.setup()
+                table = part.splits[split]
+                tables.append(table.add_column("_source", [i] * len(table)))
+            common = [c for c in tables[0].column_names if all(c in t.column_names for t in tables)]
+            splits[split] = [t.select_columns(common) for t in tables]
+        weights = [source["weight"] for source in self.sources]
+        train = interleave_datasets(
+            splits["train"],
+            probabilities=[w / sum(weights) for w in weights],
+            seed=self.seed,
+            stopping_strategy=self.mix_stopping,
+        )
+        held_out = {s: concatenate_datasets(splits[s]) for s in ("validation", "test")}
+        return DatasetDict(train=train, **held_out)
+
+    def source_module(self, source: dict[str, Any]) -> ChatSFTData:
+        """The data module of one source: this module's settings with the source's own on top."""
+        own = {k: v for k, v in source.items() if k not in ("weight", "max_examples")}
+        limit = source.get("max_examples") or self.max_train_examples
+        options = {**self.options, **own, "sources": None, "packing": False, "max_train_examples": limit}
+        return ChatSFTData(**options)
+
+    def split_fingerprints(self) -> dict[str, Any]:
+        record = super().split_fingerprints()
+        if self.parts:  # a mixture records every source, so a rerun can tell where its data came from
+            record["sources"] = [
+                {
+                    "path": str(part.path),
+                    "format": part.format,
+                    "weight": source["weight"],
+                    **part.split_fingerprints(),
+                }
+                for part, source in zip(self.parts, self.sources, strict=True)
+            ]
+        return record
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id
