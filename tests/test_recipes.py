@@ -52,6 +52,8 @@ def test_the_recipes_are_all_found():
         "nlp/minilm_full_sentiment",
         "nlp/smollm2_lora_sft",
         "nlp/llama3_8b_lora_sft",
+        "nlp/smollm2_chat_sft",
+        "nlp/llama3_8b_chat_sft",
         "recsys/sasrec_movielens",
         "recsys/bert4rec_movielens",
         "vision/vit_fashion_mnist",

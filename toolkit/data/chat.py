@@ -157,6 +157,20 @@ class ChatSFTData(TokenizedData):
         )
         return dataset.map(encode, remove_columns=dataset.column_names, desc="chat template")
 
+    def prepare_split(self, split: str, dataset: Dataset) -> Dataset:
+        """Conversations with an example limit are encoded in growing windows of rows until the limit is
+        met: a tiny run on ShareGPT reads a few hundred chats, not eleven thousand. Rows are encoded in order,
+        so the examples are the same as encoding every row and cutting after."""
+        limit = self.max_train_examples if split == "train" else self.max_eval_examples
+        if not limit or self.format in ("prompt_response", "text"):
+            return super().prepare_split(split, dataset)
+        rows = 2 * limit
+        while True:
+            encoded = self.prepare(dataset.select(range(min(rows, len(dataset)))))
+            if len(encoded) >= limit or rows >= len(dataset):
+                return self._limit(split, encoded)
+            rows *= 4
+
     def prepare_text(self, dataset: Dataset) -> Dataset:
         """Raw text: every token is a target (the model's loss shifts by one itself)."""
         check_columns(dataset, {"text_column": self.text_column})

@@ -86,7 +86,11 @@ class TokenizedData(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             splits = load_splits(self.path, self.name, self.val_size, self.test_size, self.seed)
-            self.splits = DatasetDict({s: self._limit(s, self.prepare(splits[s])) for s in SPLITS})
+            self.splits = DatasetDict({s: self.prepare_split(s, splits[s]) for s in SPLITS})
+
+    def prepare_split(self, split: str, dataset: Dataset) -> Dataset:
+        """The split encoded, then cut to its example limit."""
+        return self._limit(split, self.prepare(dataset))
 
     def _limit(self, split: str, dataset: Dataset) -> Dataset:
         limit = self.max_train_examples if split == "train" else self.max_eval_examples
