@@ -92,7 +92,8 @@ CATALOGUE = {
         "config",
         ["recipe=quickstart", *TINY, "model.name_or_path=${asset:bert_huge}"],
         "unknown asset 'bert_huge'; valid assets: alpaca_en_demo, chitchat, dpo_en_demo, fashion_mnist, "
-        "fortunes, kto_en_demo, minilm, mnist_5k, movielens, rotten_tomatoes, sharegpt, smollm2_135m_instruct",
+        "fortunes, kto_en_demo, minilm, mnist_5k, movielens, rotten_tomatoes, sharegpt, "
+        "smollm2_135m_instruct",
     ),
     "missing data file": Case(
         "data",
