@@ -255,6 +255,21 @@ CATALOGUE = {
         "tool); 1 of 16 rows are bad, more than data.max_bad_fraction=0.0 allows",
         files={"chat.jsonl": CHAT_ROWS},
     ),
+    "data source without a path": Case(
+        "data",
+        ["recipe=nlp/smollm2_chat_sft", "data.sources=[{format:messages}]", "logger=none"],
+        "data.sources[0] has no path; each source needs path (and format, weight)",
+    ),
+    "data source without a positive weight": Case(
+        "data",
+        ["recipe=nlp/smollm2_chat_sft", "data.sources=[{path:x.jsonl,weight:0}]", "logger=none"],
+        "data.sources[0].weight=0 must be a positive number",
+    ),
+    "unknown train_on": Case(
+        "data",
+        ["recipe=nlp/smollm2_chat_sft", "data.train_on=some", "logger=none"],
+        "data.train_on='some' is not supported; valid: assistant, last_assistant, all",
+    ),
 }
 
 
