@@ -75,7 +75,7 @@ def fingerprint(dataset: Dataset, columns: list[str]) -> str:
 
 
 def check_columns(dataset: Dataset, wanted: dict[str, str | None]) -> None:
-    present = dataset.column_names
+    present = [c for c in dataset.column_names if c != "_row"]  # the file's own columns, not our row index
     for key, column in wanted.items():
         if column is not None and column not in present:
             raise ToolkitError(
