@@ -17,7 +17,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from toolkit.config import compose_config, config_dir, expand_recipe_file, load_from_run, register_resolvers
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, cause_of
 from toolkit.layout import CHECKPOINTS, TRAIN_LOG
 from toolkit.run.pipeline import run_pipeline
 from toolkit.run.train_log import train_log
@@ -40,7 +40,7 @@ def _main(cfg: DictConfig) -> None:
                 run_dir = Path(cfg.from_run)
             run_pipeline(cfg, run_dir, done)
     except Exception as err:
-        cause = user_error(err)
+        cause = cause_of(err, ToolkitError)  # resolvers and instantiate wrap what they raise
         if cause is None:
             raise
         started = (run_dir / CHECKPOINTS).exists()  # a failure after checkpoints keeps them (and logs)
@@ -51,15 +51,6 @@ def _main(cfg: DictConfig) -> None:
                 log.write(f"error: {cause}\n")
         print(f"error: {cause}", file=sys.stderr)
         sys.exit(2)
-
-
-def user_error(err: BaseException | None) -> ToolkitError | None:
-    """The ToolkitError behind `err`: OmegaConf resolvers and Hydra instantiate wrap what they raise."""
-    while err is not None:
-        if isinstance(err, ToolkitError):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def one_line(message: str) -> str:

@@ -16,7 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from toolkit.console import console
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, cause_of
 from toolkit.layout import CHECKPOINTS
 
 
@@ -40,21 +40,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         except BaseException as err:
             tmp.unlink(missing_ok=True)
-            cause = os_error_behind(err)
+            # torch.save reports a full disk as a RuntimeError whose context is the file's OSError (ENOSPC)
+            cause = cause_of(err, OSError)
             if cause is not None and cause is not err:
                 raise cause from err
             raise
-
-
-def os_error_behind(err: BaseException) -> OSError | None:
-    """The OSError behind `err`: torch.save reports a full disk as an opaque RuntimeError whose context is
-    the file object's OSError (errno ENOSPC)."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, OSError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 def find_checkpoint(run_dir: Path) -> Path:
