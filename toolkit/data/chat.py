@@ -36,7 +36,7 @@ from toolkit.errors import ToolkitError
 log = logging.getLogger(__name__)
 
 
-def check_source(source: dict[str, Any], index: int) -> dict[str, Any]:
+def check_data_source(source: dict[str, Any], index: int) -> dict[str, Any]:
     """A data.sources entry: a path, and a positive weight (default 1)."""
     if not source.get("path"):
         raise ToolkitError(f"data.sources[{index}] has no path; each source needs path (and format, weight)")
@@ -94,7 +94,7 @@ class ChatSFTData(TokenizedData):
         self.options = {k: v for k, v in arguments.items() if k not in ("self", "kwargs", "__class__")}
         self.options.update(kwargs)
         super().__init__(**kwargs)
-        self.sources = [check_source(dict(source), i) for i, source in enumerate(sources or [])]
+        self.sources = [check_data_source(dict(source), i) for i, source in enumerate(sources or [])]
         check_choice("data.mix_stopping", mix_stopping, MIX_STOPPING)
         self.mix_stopping, self.parts = mix_stopping, []
         self.packing, self.pack_length = packing, pack_length or self.max_length
@@ -244,11 +244,12 @@ class ChatSFTData(TokenizedData):
         weight (a fixed, seeded order, so the sampler resumes a mixture exactly as any dataset), the
         held-out splits concatenated. `_source` says which source a row came from."""
         self.parts = [self.source_module(source) for source in self.sources]
+        for part in self.parts:
+            part.setup()
         splits = {}
         for split in SPLITS:
             tables = []
             for i, part in enumerate(self.parts):
-                part.setup()
                 table = part.splits[split]
                 tables.append(table.add_column("_source", [i] * len(table)))
             common = [c for c in tables[0].column_names if all(c in t.column_names for t in tables)]
