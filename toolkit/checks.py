@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from toolkit.compress.quantize import check_quantize_config
 from toolkit.errors import ToolkitError
+from toolkit.tasks.harness import harness_tasks, task_manager
 from toolkit.training.strategies import strategy_kind
 
 
@@ -71,3 +72,6 @@ def preflight(cfg: DictConfig, stages: list[str]) -> None:
         )
     if "quantize" in stages and cfg.quantize.quantization_config is not None:
         check_quantize_config(cfg.quantize)
+    lm_eval = OmegaConf.select(cfg, "evaluate.lm_eval")
+    if "evaluate" in stages and harness_tasks(lm_eval):
+        task_manager(lm_eval)  # an unknown task name fails now, not after training

@@ -41,6 +41,7 @@ STAGE_FOLDERS = ("checkpoints", "export", "prune", "distill", "quantize", "evalu
 CHECKPOINTS = "checkpoints"
 ADAPTER = "export/adapter"
 METRICS = "evaluate/metrics.json"
+SAMPLES = "evaluate/samples.json"  # held-out prompts with every variant's answer
 REPORT = "report.md"
 TRAIN_LOG = "train.log"
 SAVED_CONFIG = ".hydra/config.yaml"

@@ -7,10 +7,14 @@ import time
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from rich.table import Table
+from transformers import AutoModelForCausalLM
 
 from toolkit.console import console
+from toolkit.run.samples import answer_prompts, held_out_prompts, samples_record
 from toolkit.tasks.base import Task, compute_metrics, model_inputs
+from toolkit.tasks.harness import harness_metrics, harness_tasks, task_manager
 
 
 @torch.no_grad()
@@ -23,6 +27,32 @@ def evaluate_model(model: torch.nn.Module, task: Task, loader: Any, stage: str =
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         task.update(metrics, model, batch, model(**model_inputs(batch)), stage)
     return {name: float(value) for name, value in compute_metrics(metrics).items()}
+
+
+class LanguageChecks:
+    """For causal LMs, per variant: lm-evaluation-harness scores (`evaluate.lm_eval`) and greedy answers to
+    held-out prompts (`evaluate.samples`), written side by side to evaluate/samples.json."""
+
+    def __init__(self, options: DictConfig, task: Task, test_split: Any) -> None:
+        is_lm = task.auto_class is AutoModelForCausalLM
+        self.options, self.tokenizer = options, getattr(task, "tokenizer", None)
+        count = options.get("samples", 0) if is_lm else 0
+        self.prompts = held_out_prompts(test_split, count) if count else []
+        lm_eval = options.get("lm_eval")
+        self.harness = task_manager(lm_eval) if is_lm and harness_tasks(lm_eval) else None
+        self.answers: dict[str, list[str]] = {}
+
+    def run(self, variant: str, model: torch.nn.Module) -> dict[str, float]:
+        """The variant's harness metrics (empty without lm_eval tasks); its answers are kept for write."""
+        if self.prompts:
+            max_new = self.options.get("max_new_tokens", 64)
+            self.answers[variant] = answer_prompts(model, self.tokenizer, self.prompts, max_new)
+        if self.harness is None:
+            return {}
+        return harness_metrics(model, self.tokenizer, self.options.lm_eval, self.harness)
+
+    def samples(self) -> list[dict] | None:
+        return samples_record(self.tokenizer, self.prompts, self.answers) if self.answers else None
 
 
 def model_size_bytes(model: torch.nn.Module) -> int:

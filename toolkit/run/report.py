@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
 from toolkit.files import atomic_write_text
-from toolkit.layout import ADAPTER, CHECKPOINTS, METRICS, REPORT, STAGE_FOLDERS, VARIANT_DIRS
+from toolkit.layout import ADAPTER, CHECKPOINTS, METRICS, REPORT, SAMPLES, STAGE_FOLDERS, VARIANT_DIRS
 from toolkit.models.adapters import adapter_settings
 from toolkit.redaction import redact
 from toolkit.run.evaluate import format_value
@@ -91,6 +91,27 @@ def metrics_markdown(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def samples_markdown(path: Path, tail: int = 400) -> list[str]:
+    """Held-out prompts with each variant's answer (evaluate.samples); a long prompt shows its end, where
+    the turn being answered is."""
+    if not path.exists():
+        return []
+    lines = ["", "## Held-out prompts", ""]
+    for i, sample in enumerate(json.loads(path.read_text()), 1):
+        prompt = sample["prompt"]
+        prompt = prompt if len(prompt) <= tail else "..." + prompt[-tail:]
+        lines += [f"### Prompt {i}", "", "~~~text", prompt.strip(), "~~~", ""]  # ShareGPT holds ``` fences
+        lines += ["| | answer |", "|---|---|", f"| reference | {table_cell(sample['reference'])} |"]
+        lines += [f"| {variant} | {table_cell(text)} |" for variant, text in sample["answers"].items()]
+        lines.append("")
+    return lines
+
+
+def table_cell(text: str) -> str:
+    """Text in one markdown table cell: pipes escaped, line breaks as <br>."""
+    return text.replace("|", "\\|").replace("\n", "<br>") or "(empty)"
+
+
 def artifacts(run_dir: Path, auto_class: str) -> list[tuple[str, Path, str]]:
     """(what, path, one-line load command) for each artifact present in the run directory."""
     imports = f"{registering_import(run_dir)}from transformers import {auto_class}"
@@ -109,6 +130,7 @@ def artifacts(run_dir: Path, auto_class: str) -> list[tuple[str, Path, str]]:
         ("distilled model", run_dir / VARIANT_DIRS["distilled"], load + "('{p}')"),
         ("quantized model", run_dir / VARIANT_DIRS["quantized"], load + "('{p}')"),
         ("metrics", run_dir / METRICS, "import json; json.load(open('{p}'))"),
+        ("held-out answers", run_dir / SAMPLES, "import json; json.load(open('{p}'))"),
         ("training curve", run_dir / CURVE, "open {p}"),
         ("data split record", run_dir / "data_split.json", "import json; json.load(open('{p}'))"),
     ]
@@ -209,6 +231,7 @@ def write_report(cfg: DictConfig, run_dir: Path, primary_metric: str, auto_class
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     lines.append(metrics_markdown(metrics) if metrics else "The evaluate stage has not run.")
     lines += [""] + [f"- {note}" for note in compression_notes(metrics)]
+    lines += samples_markdown(run_dir / SAMPLES)
     lines += ["", "## Artifacts", "", "| artifact | path | load |", "|---|---|---|"]
     for what, path, command in artifacts(run_dir, auto_class):
         lines.append(f"| {what} | `{path}` | `{command}` |")

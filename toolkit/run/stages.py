@@ -32,7 +32,7 @@ from toolkit.compress.quantize import (
 from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.files import atomic_dir, atomic_write_text
-from toolkit.layout import METRICS, SPLIT_RECORD, VARIANT_DIRS, compression_source, saved_variants
+from toolkit.layout import METRICS, SAMPLES, SPLIT_RECORD, VARIANT_DIRS, compression_source, saved_variants
 from toolkit.models.adapters import is_adapter
 from toolkit.models.build import build_model
 from toolkit.run.build import (
@@ -42,7 +42,7 @@ from toolkit.run.build import (
     model_kwargs,
     total_training_steps,
 )
-from toolkit.run.evaluate import evaluate_model, latency_ms, model_size_bytes, print_metrics
+from toolkit.run.evaluate import LanguageChecks, evaluate_model, latency_ms, model_size_bytes, print_metrics
 from toolkit.run.manifest import verify_manifest, write_manifest
 from toolkit.run.report import metrics_of, write_report
 from toolkit.tasks.base import Task
@@ -132,31 +132,38 @@ def check_split(run_dir: Path, data: Any) -> None:
 
 
 def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]]:
-    """Every variant in the run on the test split -> evaluate/metrics.json (variant -> metric -> value)."""
+    """Every variant in the run on the test split -> evaluate/metrics.json (variant -> metric -> value);
+    for causal LMs also lm-eval scores and held-out answers (evaluate/samples.json)."""
     data, task = build_data_and_task(cfg)
     data.setup("test")
     check_split(run_dir, data)
     loader = data.test_dataloader()
     first_batch = next(iter(loader))
-    L.seed_everything(
-        cfg.seed
-    )  # the base model's fresh head gets the same init the training run started from
-    base = build_model(task.auto_class, **model_kwargs(cfg, data.pad_token_id), **task.model_kwargs())
-    results = {"base": {**evaluate_model(base, task, loader), "size_bytes": model_size_bytes(base)}}
     timed = torch.compile if cfg.get("evaluate", {}).get("compile", False) else (lambda model: model)
-    results["base"].update(latency_ms(timed(base), first_batch))
+    checks = LanguageChecks(cfg.get("evaluate") or OmegaConf.create({}), task, data.splits["test"])
+
+    def measure(name: str, model: Any, size_bytes: int) -> None:
+        results[name] = {**evaluate_model(model, task, loader), "size_bytes": size_bytes}
+        results[name].update(latency_ms(timed(model), first_batch))
+        results[name].update(checks.run(name, model))
+
+    results: dict[str, dict[str, float]] = {}
+    L.seed_everything(cfg.seed)  # the base model's fresh head: the same init the training run started from
+    base = build_model(task.auto_class, **model_kwargs(cfg, data.pad_token_id), **task.model_kwargs())
+    measure("base", base, model_size_bytes(base))
     figures_of = {"base": base}  # the model a task's figures show: the fine-tuned one when there is one
     for name, folder in saved_variants(run_dir).items():
         verify_manifest(folder.parent)  # a truncated or altered weight file is named, not loaded
         model = task.auto_class.from_pretrained(folder)  # one at a time: peak memory of one extra model
-        results[name] = {**evaluate_model(model, task, loader), "size_bytes": weights_size_bytes(folder)}
-        results[name].update(latency_ms(timed(model), first_batch))
+        measure(name, model, weights_size_bytes(folder))
         if name == "fine_tuned":
             figures_of = {"fine_tuned": model}
         del model
     results.update(task.baselines(data))
     with atomic_dir(run_dir / "evaluate") as tmp:
         (tmp / Path(METRICS).name).write_text(json.dumps(results, indent=2))
+        if checks.samples():
+            (tmp / Path(SAMPLES).name).write_text(json.dumps(checks.samples(), indent=2, ensure_ascii=False))
         if hasattr(task, "save_figures"):  # e.g. the confusion matrix of image classification
             task.save_figures(figures_of, loader, tmp)
     if "report" not in cfg.stages:  # the report stage ends by printing the same table
