@@ -3,6 +3,8 @@ boundaries, a deterministic packing, and exact resume on packed rows."""
 
 from __future__ import annotations
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -133,14 +135,50 @@ class CrashAfter(L.Callback):
             raise SystemExit("crash")
 
 
-def test_resume_on_packed_rows_is_exact(tmp_path):
+def mixture_overrides(tmp_path) -> list[str]:
+    """The chat recipe on a mixture of two small local sources (multi-turn messages 0.7, alpaca 0.3)."""
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps(row) + "\n" for row in numbered_chats(120)))
+    tasks = tmp_path / "tasks.jsonl"
+    rows = [
+        {"instruction": f"Spell {i} in words.", "input": "", "output": f"The number {i}."} for i in range(80)
+    ]
+    tasks.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return [
+        "recipe=nlp/smollm2_chat_sft",
+        "data.sources=[{path:" + str(chats) + ",format:messages,weight:0.7},"
+        "{path:" + str(tasks) + ",format:alpaca,weight:0.3}]",
+        "data.max_length=96",
+        "data.max_eval_examples=8",
+        "data.max_bad_fraction=0.0",
+        *TINY_SFT[1:],
+    ]
+
+
+def numbered_chats(n: int) -> list[dict]:
+    turns = ["Hello, number {i}?", "Hi, I am {i}.", "Twice {i}?", "That is {j}."]
+    roles = ["user", "assistant"] * 2
+    return [
+        {
+            "messages": [
+                {"role": r, "content": t.format(i=i, j=2 * i)} for r, t in zip(roles, turns, strict=True)
+            ]
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("data", ["single_source", "mixture"])
+def test_resume_on_packed_rows_is_exact(tmp_path, data):
     """A run killed after step 3 (checkpoint mid-epoch, LoRA dropout on) and resumed to step 6 ends with the
-    same weights as a run straight to step 6."""
+    same weights as a run straight to step 6: on one dataset, and on a weighted mixture of two."""
+    source = (
+        [*TINY_SFT, "data.max_train_examples=128"] if data == "single_source" else mixture_overrides(tmp_path)
+    )
     args = [
-        *TINY_SFT,
+        *source,  # about 20 packed rows: 10 batches in the epoch
         "data.packing=true",
         "data.pack_length=320",
-        "data.max_train_examples=128",  # about 20 packed rows: 10 batches in the epoch
         "data.batch_size=2",
         "scheduler=constant",
         "trainer.limit_val_batches=1",
@@ -162,3 +200,6 @@ def test_resume_on_packed_rows_is_exact(tmp_path):
     assert resumed["global_step"] == 6
     diff = max((resumed["state_dict"][k] - straight[k]).abs().max().item() for k in straight)
     assert diff == 0.0
+    if data == "mixture":
+        record = json.loads((tmp_path / "resumed" / "data_split.json").read_text())
+        assert [s["format"] for s in record["sources"]] == ["messages", "alpaca"]
