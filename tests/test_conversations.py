@@ -267,3 +267,48 @@ def test_sources_mix_by_weight_and_each_keeps_its_own_split(tmp_path):
 def test_a_bad_source_is_refused(sources, message):
     with pytest.raises(ToolkitError, match=re.escape(message)):
         ChatSFTData(path=None, tokenizer="unused", sources=sources)
+
+
+def write_conversations(path: Path, rows: list[dict], kind: str) -> Path:
+    """The same conversations as jsonl, gzip- or xz-compressed json lines, parquet, or a dataset repository
+    laid out as the hub stores one (data/<split>-*.parquet): what `load_dataset(<hub id>)` reads after its
+    download, offline."""
+    import gzip
+    import lzma
+
+    import pandas as pd
+
+    if kind == "jsonl":
+        return write_jsonl(path / "chat.jsonl", rows)
+    lines = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    if kind == "jsonl.gz":
+        (path / "chat.jsonl.gz").write_bytes(gzip.compress(lines))
+        return path / "chat.jsonl.gz"
+    if kind == "json.xz":
+        (path / "chat.json.xz").write_bytes(lzma.compress(lines))
+        return path / "chat.json.xz"
+    if kind == "parquet":
+        pd.DataFrame(rows).to_parquet(path / "chat.parquet")
+        return path / "chat.parquet"
+    repo = path / "org" / "chat-dataset"
+    (repo / "data").mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(repo / "data" / "train-00000-of-00001.parquet")
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n# chat-dataset\n")
+    return repo
+
+
+@pytest.mark.parametrize("kind", ["jsonl.gz", "json.xz", "parquet", "hub_repository"])
+def test_conversations_read_the_same_from_every_file_kind(kind, tmp_path, monkeypatch):
+    tokenizer_with("smollm2", tmp_path / "tok")
+    rows = numbered_conversations(20)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / kind).mkdir()
+    expected = chat_data(write_conversations(tmp_path / "plain", rows, "jsonl"), tmp_path / "tok").splits
+    path = write_conversations(tmp_path / kind, rows, kind)
+    if kind == "hub_repository":  # named as a hub id, `org/name`, not as a path
+        monkeypatch.chdir(tmp_path / kind)
+        path = Path("org/chat-dataset")
+    read = chat_data(path, tmp_path / "tok").splits
+    for split in ("train", "validation", "test"):
+        assert read[split]["input_ids"] == expected[split]["input_ids"]
+        assert read[split]["labels"] == expected[split]["labels"]
