@@ -33,10 +33,11 @@ def test_strategies_benchmark_publishes_its_table_and_ratios(tmp_path):
 
 
 def test_performance_benchmarks_publish_their_tables_and_figures(tmp_path):
-    report, figures = run_benchmark("overhead packing memory data_cache defaults", tmp_path)
+    report, figures = run_benchmark("overhead packing chat memory data_cache defaults", tmp_path)
     headers = (
         "| model | variant |",
         "| arm | rows in epoch |",
+        "| packed |",
         "| arm | peak RSS GiB |",
         "| data |",
         "| side |",
@@ -53,6 +54,10 @@ def test_performance_benchmarks_publish_their_tables_and_figures(tmp_path):
     assert 0 < figures["packing.padded_nonpad_fraction"] <= 1 and 0 < figures["packing.nonpad_fraction"] <= 1
     # LoRA keeps no gradients or AdamW states for the frozen base: far fewer tensor bytes than full tuning
     assert figures["memory.lora_tensors_over_full"] < 0.6
+    assert (
+        0 < figures["chat.packed_nonpad_fraction"] <= 1
+        and figures["chat.packed_tokens_per_s_over_padded"] > 0
+    )
     assert figures["data_cache.quickstart.cached_over_first"] > 0
     assert figures["overhead.minilm.defaults_time_over_trainer"] > 0
     assert -1 <= figures["overhead.minilm.defaults_accuracy_delta"] <= 1

@@ -270,6 +270,12 @@ CATALOGUE = {
         ["recipe=nlp/smollm2_chat_sft", "data.train_on=some", "logger=none"],
         "data.train_on='some' is not supported; valid: assistant, last_assistant, all",
     ),
+    "unknown lm-eval task": Case(
+        "evaluate",
+        ["recipe=nlp/smollm2_lora_sft", "evaluate.lm_eval.tasks=[hellaswagg]", "logger=none"],
+        "evaluate.lm_eval.tasks: 'hellaswagg' is not in the harness's tasks; list them with lm_eval ls "
+        "tasks; evaluate.lm_eval.include_path adds a folder of task YAMLs",
+    ),
 }
 
 

@@ -117,8 +117,8 @@ def test_unknown_harness_task_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ToolkitError) as err:
         task_manager(options)
     assert str(err.value) == (
-        f"evaluate.lm_eval.tasks: 'rt_sentimnt' is not in the harness's tasks or {tasks}; `lm_eval ls tasks` "
-        "lists them, evaluate.lm_eval.include_path adds a folder of task YAMLs"
+        f"evaluate.lm_eval.tasks: 'rt_sentimnt' is not in the harness's tasks or {tasks}; list them with "
+        "lm_eval ls tasks; evaluate.lm_eval.include_path adds a folder of task YAMLs"
     )
 
 

@@ -39,7 +39,7 @@ def task_manager(options: DictConfig) -> Any:
         where = f"the harness's tasks or {include}" if include else "the harness's tasks"
         raise ToolkitError(
             f"evaluate.lm_eval.tasks: '{unknown[0]}' is not in {where}; "
-            "`lm_eval ls tasks` lists them, evaluate.lm_eval.include_path adds a folder of task YAMLs"
+            "list them with lm_eval ls tasks; evaluate.lm_eval.include_path adds a folder of task YAMLs"
         )
     return manager
 
