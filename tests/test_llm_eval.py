@@ -122,9 +122,10 @@ def test_unknown_harness_task_is_refused_before_anything_runs(tmp_path):
     )
 
 
+@pytest.mark.slow  # ~10 min on 2 CPU cores: 40 real LoRA steps of a 135M model, then 2 x 400 harness requests
 def test_sentiment_sft_beats_the_base_model_on_a_local_harness_task(tmp_path):
     """The real SmolLM2-135M-Instruct, LoRA-tuned by the sentiment SFT recipe as written (40 steps), scores
-    higher than its base on held-out snippets as lm-eval multiple choice."""
+    higher than its base on held-out snippets as lm-eval multiple choice (measured: 0.745 -> 0.845 on 200)."""
     from .helpers import compose_config
 
     tasks = sentiment_task(tmp_path / "tasks")
