@@ -50,7 +50,7 @@ run: setup
 	$(OFFLINE) $(VENV)/bin/toolkit-train recipe=quickstart
 
 test: setup system
-	slurm/with-local-cluster.sh env $(OFFLINE) $(VENV)/bin/pytest -m "not slow and not gpu"
+	slurm/with-local-cluster.sh env $(OFFLINE) $(VENV)/bin/pytest -m "not slow and not gpu" --durations=25
 
 bench: setup
 	$(OFFLINE) $(VENV)/bin/python -m benchmarks
