@@ -312,3 +312,18 @@ def test_conversations_read_the_same_from_every_file_kind(kind, tmp_path, monkey
     for split in ("train", "validation", "test"):
         assert read[split]["input_ids"] == expected[split]["input_ids"]
         assert read[split]["labels"] == expected[split]["labels"]
+
+
+def test_settings_the_encoding_does_not_read_reuse_the_tokenized_cache(tmp_path):
+    """datasets keys its cache on the map function and its arguments: a new batch size, packing or eval
+    limit must find the conversations already tokenized (ShareGPT takes minutes), a new max_length not."""
+    tokenizer_with("smollm2", tmp_path / "tok")
+    path = write_jsonl(tmp_path / "chat.jsonl", numbered_conversations(20))
+
+    def cache_files(**options):
+        test = chat_data(path, tmp_path / "tok", **options).splits["test"]
+        return [f["filename"] for f in test.cache_files]
+
+    first = cache_files(batch_size=2)
+    assert first and cache_files(batch_size=8, packing=True, eval_batch_size=4) == first
+    assert cache_files(max_length=200) != first

@@ -186,7 +186,20 @@ class ChatSFTData(TokenizedData):
     def prepare_conversations(self, dataset: Dataset) -> Dataset:
         column = None if self.format == "alpaca" else self.messages_column
         check_columns(dataset, {"messages_column": column})
-        encoded = dataset.map(self.encode_row, remove_columns=dataset.column_names, desc="chat template")
+        # only the options the encoding reads: datasets' cache key hashes the function and its arguments, so
+        # a bound method (the whole module: batch size, packing, ...) would re-tokenize on every such change
+        encode = partial(
+            encode_row,
+            tokenizer=self.tokenizer,
+            format=self.format,
+            messages_keys=(self.messages_column, self.role_key, self.content_key),
+            roles=self.roles,
+            input_template=self.input_template,
+            system_prompt=self.system_prompt,
+            train_on=self.train_on,
+            max_length=self.max_length,
+        )
+        encoded = dataset.map(encode, remove_columns=dataset.column_names, desc="chat template")
         problems = [(row, why) for row, why in zip(encoded["_row"], encoded["_problem"], strict=True) if why]
         bad = [(row, why) for row, why in problems if why != TOO_LONG]
         if bad and len(bad) > self.max_bad_fraction * len(dataset):
@@ -211,24 +224,6 @@ class ChatSFTData(TokenizedData):
                 self.max_length,
             )
         return encoded.filter(lambda r: not r["_problem"]).remove_columns(["_row", "_problem"])
-
-    def encode_row(self, row: dict) -> dict:
-        """One row -> input_ids, labels (and `_problem`: why it is skipped, empty when it is not)."""
-        if self.format == "alpaca":
-            messages, why = alpaca_messages(row, self.input_template, self.system_prompt)
-        else:
-            messages, why = parse_messages(
-                row[self.messages_column], self.role_key, self.content_key, self.roles
-            )
-            if messages and self.system_prompt and messages[0]["role"] != "system":
-                messages = [{"role": "system", "content": self.system_prompt}, *messages]
-        why = why or check_trainable(messages, self.train_on)
-        encoded = None
-        if not why:
-            encoded, _ = fit_by_turns(self.tokenizer, messages, self.max_length, self.train_on)
-            why = "" if encoded else TOO_LONG
-        encoded = encoded or {"input_ids": [], "labels": []}
-        return {**encoded, "_row": row["_row"], "_problem": why or ""}
 
     def setup(self, stage: str | None = None) -> None:
         fresh = self.splits is None
@@ -301,6 +296,34 @@ class ChatSFTData(TokenizedData):
             batch["prompt_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True)
             batch["answer_index"] = torch.tensor([f["answer_index"] for f in features])
         return batch
+
+
+def encode_row(
+    row: dict,
+    tokenizer: PreTrainedTokenizerBase,
+    format: str,
+    messages_keys: tuple[str, str, str],
+    roles: dict[str, str] | None,
+    input_template: str,
+    system_prompt: str | None,
+    train_on: str,
+    max_length: int,
+) -> dict:
+    """One conversation row -> input_ids, labels (and `_problem`: why it is skipped, empty when it is not)."""
+    if format == "alpaca":
+        messages, why = alpaca_messages(row, input_template, system_prompt)
+    else:
+        column, role_key, content_key = messages_keys
+        messages, why = parse_messages(row[column], role_key, content_key, roles)
+        if messages and system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": system_prompt}, *messages]
+    why = why or check_trainable(messages, train_on)
+    encoded = None
+    if not why:
+        encoded, _ = fit_by_turns(tokenizer, messages, max_length, train_on)
+        why = "" if encoded else TOO_LONG
+    encoded = encoded or {"input_ids": [], "labels": []}
+    return {**encoded, "_row": row["_row"], "_problem": why or ""}
 
 
 def _encode_chat(
