@@ -17,7 +17,7 @@ from toolkit.run.pipeline import run_pipeline
 from toolkit.run.samples import held_out_prompts
 from toolkit.tasks.harness import flatten_results, task_manager
 
-from .helpers import copy_run
+from .helpers import copy_run, quantize_cfg
 
 PROMPT = "Is the following movie review positive or negative? Answer with one word.\n\nReview: {{text}}"
 
@@ -56,16 +56,18 @@ def test_every_variant_gets_harness_scores_and_held_out_answers(sft_run, tmp_pat
     cfg, _ = sft_run
     run_dir = copy_run(sft_run, tmp_path)
     tasks = sentiment_task(tmp_path / "tasks", test_rows=16)
+    quantize = OmegaConf.merge(quantize_cfg("int8_weight_only"), {"max_metric_drop": None})
     cfg = OmegaConf.merge(
         cfg,
         {
-            "stages": ["evaluate", "report"],
+            "stages": ["quantize", "evaluate", "report"],
+            "quantize": quantize,
             "evaluate": {"samples": 2, "max_new_tokens": 4, "lm_eval": lm_eval_overrides(tasks, 8)},
         },
     )
-    assert run_pipeline(cfg, run_dir) == ["evaluate", "report"]
+    assert run_pipeline(cfg, run_dir) == ["quantize", "evaluate", "report"]
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
-    for variant in ("base", "fine_tuned"):
+    for variant in ("base", "fine_tuned", "quantized"):
         assert 0.0 <= metrics[variant]["lm_eval/rt_sentiment/acc"] <= 1.0
         assert "perplexity" in metrics[variant]  # the task's own metrics stay
     samples = json.loads((run_dir / "evaluate" / "samples.json").read_text())
@@ -73,7 +75,7 @@ def test_every_variant_gets_harness_scores_and_held_out_answers(sft_run, tmp_pat
     for sample in samples:
         assert sample["prompt"].endswith("<|im_start|>assistant\n")  # the turn to answer, nothing of it
         assert sample["reference"] in ("positive", "negative")
-        assert set(sample["answers"]) == {"base", "fine_tuned"}
+        assert set(sample["answers"]) == {"base", "fine_tuned", "quantized"}
     report = (run_dir / "report.md").read_text()
     assert "## Held-out prompts" in report and "| lm_eval/rt_sentiment/acc |" in report
     assert f"| reference | {samples[0]['reference']} |" in report
