@@ -162,8 +162,9 @@ def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]
     results.update(task.baselines(data))
     with atomic_dir(run_dir / "evaluate") as tmp:
         (tmp / Path(METRICS).name).write_text(json.dumps(results, indent=2))
-        if checks.samples():
-            (tmp / Path(SAMPLES).name).write_text(json.dumps(checks.samples(), indent=2, ensure_ascii=False))
+        samples = checks.samples()
+        if samples:
+            (tmp / Path(SAMPLES).name).write_text(json.dumps(samples, indent=2, ensure_ascii=False))
         if hasattr(task, "save_figures"):  # e.g. the confusion matrix of image classification
             task.save_figures(figures_of, loader, tmp)
     if "report" not in cfg.stages:  # the report stage ends by printing the same table
