@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -83,8 +84,18 @@ def test_recipe_instantiates(recipe, tmp_path, tiny_vit_rgb_dir):
     "recipe,shorter",
     [
         ("nlp/llama3_8b_lora_sft", []),
-        # rows of 4,096 tokens under bf16 autocast take minutes on a CPU: the same packing, shorter rows
-        ("nlp/llama3_8b_chat_sft", ["data.max_length=256", "data.pack_length=512"]),
+        # rows of 4,096 tokens under bf16 autocast take minutes on a CPU: the same packing, shorter rows;
+        # every stage the recipe lists (its lm-eval benchmarks need the hub: not here)
+        (
+            "nlp/llama3_8b_chat_sft",
+            [
+                "data.max_length=256",
+                "data.pack_length=512",
+                "stages=[train,export,evaluate,report]",
+                "evaluate.lm_eval.tasks=[]",
+                "evaluate.max_new_tokens=4",
+            ],
+        ),
     ],
 )
 def test_hub_recipe_runs_with_a_tiny_model(tmp_path, recipe, shorter):
@@ -103,8 +114,12 @@ def test_hub_recipe_runs_with_a_tiny_model(tmp_path, recipe, shorter):
         ]
     )
     assert cfg.trainer.precision == "bf16-mixed"
-    assert run_pipeline(cfg, tmp_path) == ["train", "export"]
+    assert run_pipeline(cfg, tmp_path) == list(cfg.stages)
     assert (tmp_path / "export" / "adapter" / "adapter_config.json").exists()
+    if "report" in cfg.stages:  # the chat recipe: held-out conversations answered in the report
+        samples = json.loads((tmp_path / "evaluate" / "samples.json").read_text())
+        assert 0 < len(samples) <= cfg.evaluate.samples
+        assert "## Held-out prompts" in (tmp_path / "report.md").read_text()
 
 
 def test_wheel_ships_conf_and_recipes(tmp_path):

@@ -112,4 +112,6 @@ class CausalLM:
         return {"gen_accuracy": float(counts.max() / len(answer_index))} if len(counts) else {}
 
     def baselines(self, data: Any) -> dict[str, dict[str, float]]:
-        return {"majority": self.majority(data.splits["test"])}
+        """The majority answer's accuracy, for labelled prompts; conversations have no label to count."""
+        test = data.splits["test"]
+        return {"majority": self.majority(test)} if "answer_index" in test.column_names else {}
