@@ -19,7 +19,7 @@ from pathlib import Path
 
 from benchmarks.harness import TINY_LLAMA, Result
 from benchmarks.overhead import run_toolkit
-from benchmarks.packing import epoch_tokens, nonpad_fraction
+from benchmarks.packing import arm_row, epoch_tokens, nonpad_fraction
 
 RECIPE = [
     "recipe=nlp/smollm2_chat_sft",
@@ -49,18 +49,7 @@ def main(tiny: bool = False) -> Result:
         "chat.padded_nonpad_fraction": fractions["padded"],
         "chat.packed_tokens_per_s_over_padded": rate["packed"] / rate["padded"],
     }
-    table = [
-        {
-            "arm": arm,
-            "rows in epoch": rows[arm],
-            "batches in epoch": len(tokens[arm]),
-            "real tokens / batch": sum(r for r, _ in tokens[arm]) / len(tokens[arm]),
-            "non-pad fraction": fractions[arm],
-            "real tokens/s": rate[arm],
-            "over padded": rate[arm] / rate["padded"],
-        }
-        for arm in ARMS
-    ]
+    table = [arm_row(arm, rows[arm], tokens[arm], rate[arm], rate["padded"]) for arm in ARMS]
     command = " | ".join(f"toolkit-train {' '.join(o)} trainer.max_steps={steps}" for o in overrides.values())
     notes = (
         f"{steps} steps per arm, the first {warmup} untimed; real tokens/s = the timed steps' real tokens "

@@ -60,6 +60,19 @@ def epoch_tokens(overrides: list[str]) -> tuple[list[tuple[int, int]], int]:
     return batch_tokens(data), len(data.splits["train"])
 
 
+def arm_row(arm: str, examples: int, tokens: list[tuple[int, int]], rate: float, padded_rate: float) -> dict:
+    """One arm's table row: its epoch's rows, batches and padding, and its throughput over padded."""
+    return {
+        "arm": arm,
+        "rows in epoch": examples,
+        "batches in epoch": len(tokens),
+        "real tokens / batch": sum(r for r, _ in tokens) / len(tokens),
+        "non-pad fraction": nonpad_fraction(tokens),
+        "real tokens/s": rate,
+        "over padded": rate / padded_rate,
+    }
+
+
 def main(tiny: bool = False) -> Result:
     steps, reps, warmup = (3, 1, 1) if tiny else (3, 2, 1)
     overrides = {arm: [*RECIPE, *extra, *(TINY if tiny else [])] for arm, extra in ARMS.items()}
@@ -83,18 +96,7 @@ def main(tiny: bool = False) -> Result:
         "packing.padded_ungrouped_nonpad_fraction": nonpad_fraction(ungrouped),
         "packing.tokens_per_s_over_padded": rate["packed"] / rate["padded"],
     }
-    rows = [
-        {
-            "arm": arm,
-            "rows in epoch": examples[arm],
-            "batches in epoch": len(tokens[arm]),
-            "real tokens / batch": sum(r for r, _ in tokens[arm]) / len(tokens[arm]),
-            "non-pad fraction": fractions[arm],
-            "real tokens/s": rate[arm],
-            "over padded": rate[arm] / rate["padded"],
-        }
-        for arm in ARMS
-    ]
+    rows = [arm_row(arm, examples[arm], tokens[arm], rate[arm], rate["padded"]) for arm in ARMS]
     rows.append(
         {
             "arm": "padded, not length-grouped (counted only)",
