@@ -47,6 +47,14 @@ CHAT_ROWS = b"".join(
     else b'{"messages": [{"role": "bot", "content": "hi"}]}\n'
     for i in range(20)
 )
+SAME_PAIRS = b"".join(
+    b'{"prompt": "Q%d", "chosen": "A%d", "rejected": "A%d"}\n' % (i, i, i) for i in range(20)
+)
+ONLY_GOOD = b"".join(
+    b'{"messages": [{"role": "user", "content": "Q%d"}, {"role": "assistant", "content": "A%d"}], '
+    b'"label": true}\n' % (i, i)
+    for i in range(20)
+)
 CATALOGUE = {
     "unknown recipe": Case(
         "config", ["recipe=nope"], "Could not find 'recipe/nope'; available options in 'recipe': quickstart"
@@ -269,6 +277,55 @@ CATALOGUE = {
         "data",
         ["recipe=nlp/smollm2_chat_sft", "data.train_on=some", "logger=none"],
         "data.train_on='some' is not supported; valid: assistant, last_assistant, all",
+    ),
+    "preference pairs whose answers are all equal": Case(
+        "preference",
+        ["recipe=nlp/smollm2_dpo", "data.format=pairs", "data.path={tmp}/same.jsonl", "logger=none"],
+        "every one of the 16 pairs of '{tmp}/same.jsonl' has chosen equal to rejected; check "
+        "data.chosen_column / data.rejected_column",
+        files={"same.jsonl": SAME_PAIRS},
+    ),
+    "missing chosen column": Case(
+        "preference",
+        ["recipe=nlp/smollm2_dpo", "data.chosen_column=better", "logger=none"],
+        "data.chosen_column='better' is not a column of the dataset; columns: conversations, chosen, "
+        "rejected",
+    ),
+    "KTO data with one label": Case(
+        "preference",
+        ["recipe=nlp/smollm2_kto", "data.path={tmp}/good.jsonl", "logger=none"],
+        "KTO data '{tmp}/good.jsonl' has only desirable examples (data.label_column='label'); it needs both "
+        "true (desirable) and false (undesirable) labels",
+        files={"good.jsonl": ONLY_GOOD},
+    ),
+    "non-positive beta": Case(
+        "preference",
+        ["recipe=nlp/smollm2_dpo", "task.beta=0", "logger=none"],
+        "task.beta=0 must be a positive number (DPO's usual range: 0.01 to 0.5)",
+    ),
+    "preference loss without preference data": Case(
+        "preference",
+        ["recipe=quickstart", "task=preference", "logger=none"],
+        "task=preference (task.loss=dpo) needs preference data (data.format: pairs, sharegpt_pairs, "
+        "unpaired, label_pairs; e.g. data=dpo_en_demo), not TextClassificationData",
+    ),
+    "preference data on a non-preference task": Case(
+        "preference",
+        ["recipe=nlp/smollm2_lora_sft", "data=dpo_en_demo", "logger=none"],
+        "data.format=sharegpt_pairs is preference data: it trains a causal LM with task=preference "
+        "(task.loss: dpo, ipo, orpo, kto), not CausalLM",
+    ),
+    "KTO loss on paired data": Case(
+        "preference",
+        ["recipe=nlp/smollm2_dpo", "task.loss=kto", "logger=none"],
+        "task.loss=kto needs data.format=unpaired (answers rated true/false); data.format=sharegpt_pairs "
+        "does not fit it",
+    ),
+    "precomputed reference without a reference": Case(
+        "preference",
+        ["recipe=nlp/smollm2_orpo", "task.precompute_reference=true", "logger=none"],
+        "task.precompute_reference=true with task.loss=orpo, which uses no reference model; drop "
+        "task.precompute_reference",
     ),
     "unknown lm-eval task": Case(
         "evaluate",

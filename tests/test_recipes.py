@@ -36,6 +36,9 @@ def tiny_overrides(recipe: str, vit_dir: Path | None = None) -> list[str]:
             "task.max_new_tokens=2",
             *TINY_DATA,
         ]
+    if task.endswith("Preference"):  # answers of a few hundred tokens: longer rows than SFT's
+        return [TINY_LLAMA, "model.tokenizer=${asset:smollm2_135m_instruct}", "model.dtype=float32",
+                *TINY_DATA, "data.max_length=384"]  # fmt: skip
     if task.endswith("NextItemPrediction"):
         model = TINY_SASREC if cfg.model.config.model_type == "sasrec" else TINY_BERT4REC
         return [model, "data.max_users=20", "data.max_length=12", "data.batch_size=4"]
@@ -55,6 +58,10 @@ def test_the_recipes_are_all_found():
         "nlp/llama3_8b_lora_sft",
         "nlp/smollm2_chat_sft",
         "nlp/llama3_8b_chat_sft",
+        "nlp/smollm2_dpo",
+        "nlp/smollm2_orpo",
+        "nlp/smollm2_kto",
+        "nlp/llama3_8b_dpo",
         "recsys/sasrec_movielens",
         "recsys/bert4rec_movielens",
         "vision/vit_fashion_mnist",

@@ -8,9 +8,12 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from toolkit.data.preference import FORMATS as PREFERENCE_FORMATS
+from toolkit.data.preference import PreferenceData
 from toolkit.errors import ToolkitError
 from toolkit.models.adapters import adapter_settings
 from toolkit.tasks.base import Task
+from toolkit.tasks.preference import LOSSES, Preference
 from toolkit.training.module import TaskModule
 
 
@@ -22,10 +25,29 @@ def build_data_and_task(cfg: DictConfig) -> tuple[Any, Any]:
             f"task.num_labels={task_labels} but data.label_names has {data_labels} labels "
             f"({', '.join(data.label_names)}); make them agree"
         )
+    check_preference(data, task)
     take_answer_choices(task, data)
     if hasattr(task, "bind"):  # tasks whose model shape comes from the data (e.g. an item vocabulary)
         task.bind(data)
     return data, task
+
+
+def check_preference(data: Any, task: Any) -> None:
+    """Preference data and the preference task come together, paired data with the paired losses."""
+    formats, losses = ", ".join(PREFERENCE_FORMATS), ", ".join(LOSSES)
+    if isinstance(task, Preference) and not isinstance(data, PreferenceData):
+        raise ToolkitError(
+            f"task=preference (task.loss={task.loss}) needs preference data (data.format: {formats}; "
+            f"e.g. data=dpo_en_demo), not {type(data).__name__}"
+        )
+    if isinstance(data, PreferenceData) and not isinstance(task, Preference):
+        raise ToolkitError(
+            f"data.format={data.format} is preference data: it trains a causal LM with task=preference "
+            f"(task.loss: {losses}), not {type(task).__name__}"
+        )
+    if isinstance(task, Preference) and data.paired == (task.loss == "kto"):
+        wanted = "data.format=unpaired (answers rated true/false)" if task.loss == "kto" else "pairs"
+        raise ToolkitError(f"task.loss={task.loss} needs {wanted}; data.format={data.format} does not fit it")
 
 
 def build_task(cfg: DictConfig) -> Any:

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import AutoConfig
 
+from toolkit.data.preference import CONSTRUCTIONS
 from toolkit.files import atomic_write_text
 from toolkit.layout import ADAPTER, CHECKPOINTS, METRICS, REPORT, SAMPLES, STAGE_FOLDERS, VARIANT_DIRS
 from toolkit.models.adapters import adapter_settings
@@ -200,6 +201,15 @@ def adapter_summary(adapter: Any) -> str:
     return f"{kind} r={adapter.get('r')}, alpha={adapter.get('lora_alpha')}"
 
 
+def data_summary(data: Any) -> str:
+    """Where the data came from, its format, and for preference data how its pairs were made."""
+    sources = [str(source.get("path")) for source in data.get("sources") or []]
+    where = ", ".join(f"`{p}`" for p in sources) if sources else f"`{data.get('path')}`"
+    line = f"{where}, format `{data.format}`" if data.get("format") else where
+    construction = CONSTRUCTIONS.get(data.get("format"))  # preference formats: how the pairs were made
+    return f"{line} ({construction})" if construction else line
+
+
 def write_report(cfg: DictConfig, run_dir: Path, primary_metric: str, auto_class: str) -> Path:
     """report.md in the run directory (and training_curve.png when the run has a CSV log)."""
     overrides_file = run_dir / ".hydra" / "overrides.yaml"
@@ -213,6 +223,7 @@ def write_report(cfg: DictConfig, run_dir: Path, primary_metric: str, auto_class
         f"- run directory: `{run_dir}`",
         f"- recipe: `{recipe}`; overrides: `{' '.join(overrides) or '(none)'}`",
         f"- stages: {', '.join(cfg.stages)}",
+        f"- data: {data_summary(cfg.data)}",
         f"- model: `{cfg.model.name_or_path or 'from config'}`; adapter: {adapter_summary(cfg.adapter)}",
         f"- strategy: `{strategy}`; devices: accelerator={t.accelerator}, devices={t.devices}, "
         f"num_nodes={t.num_nodes}, precision={t.get('precision', '32')}",

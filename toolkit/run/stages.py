@@ -150,6 +150,8 @@ def evaluate_stage(cfg: DictConfig, run_dir: Path) -> dict[str, dict[str, float]
     results: dict[str, dict[str, float]] = {}
     L.seed_everything(cfg.seed)  # the base model's fresh head: the same init the training run started from
     base = build_model(task.auto_class, **model_kwargs(cfg, data.pad_token_id), **task.model_kwargs())
+    if hasattr(task, "reference"):  # preference tuning: rewards of every variant are against the base model
+        task.reference = base
     measure("base", base, model_size_bytes(base))
     figures_of = {"base": base}  # the model a task's figures show: the fine-tuned one when there is one
     for name, folder in saved_variants(run_dir).items():

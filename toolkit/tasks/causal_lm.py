@@ -20,14 +20,14 @@ from toolkit.models.build import load_tokenizer
 from toolkit.tasks.base import model_inputs
 
 
-def _takes_logits_to_keep(model: torch.nn.Module) -> bool:
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the (PEFT-wrapped) transformers model computes logits at chosen positions only."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _forward_takes_logits_to_keep(type(base))
+    return _forwardtakes_logits_to_keep(type(base))
 
 
 @functools.cache
-def _forward_takes_logits_to_keep(model_class: type) -> bool:  # once per class, not per training step
+def _forwardtakes_logits_to_keep(model_class: type) -> bool:  # once per class, not per training step
     return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
@@ -64,7 +64,7 @@ class CausalLM:
         """The model's causal LM loss (mean cross-entropy over labelled tokens), with its LM head run only at
         positions some row of the batch has a label after: an SFT example labels its answer alone, and the
         full logits (tokens x a 49k vocabulary, fp32, kept for backward) dominate a LoRA run's memory."""
-        if not _takes_logits_to_keep(model):
+        if not takes_logits_to_keep(model):
             return model(**model_inputs(batch)).loss
         inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
         next_labels = batch["labels"][:, 1:]  # position t predicts token t + 1, as HF's loss shifts

@@ -22,6 +22,7 @@ from toolkit.errors import ToolkitError
 from toolkit.models.adapters import apply_adapter, is_adapter, trainable_summary
 from toolkit.models.build import build_model
 from toolkit.tasks.base import Task, compute_metrics, model_inputs
+from toolkit.training.reference import attach_reference_logps, disable_dropout, frozen_copy
 
 
 def build_optimizer(
@@ -74,6 +75,8 @@ class TaskModule(L.LightningModule):
         # initialises and loads the partitioned weights itself (without it, zero.Init leaves garbage weights).
         self._hf_deepspeed_config = HfDeepSpeedConfig(zero3) if zero3 else None
         base = build_model(self.task.auto_class, **self.model_kwargs, **self.task.model_kwargs())
+        if getattr(self.task, "uses_reference", False):
+            self.prepare_reference(base, strategy)
         self.model = apply_adapter(base, self.adapter, self.task.peft_task_type)
         # from_pretrained returns eval mode (dropout off) and Lightning keeps the mode it finds
         self.model.train()
@@ -84,6 +87,26 @@ class TaskModule(L.LightningModule):
             console.print(
                 f"[bold]trainable parameters[/]: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
             )
+
+    def prepare_reference(self, base: torch.nn.Module, strategy: Any) -> None:
+        """Preference tuning: dropout off; a full fine-tune without precomputed reference log-probabilities
+        keeps a frozen copy of the initial model (LoRA disables its adapter instead: no copy)."""
+        disable_dropout(base)
+        if self.adapter or self.task.precompute_reference:
+            return
+        if hasattr(strategy, "shard") or getattr(strategy, "zero3_config", None):
+            raise ToolkitError(
+                "a full fine-tune's frozen reference copy is not sharded under this strategy; set "
+                "task.precompute_reference=true (the reference leaves memory) or use adapter=lora"
+            )
+        self.task.reference = frozen_copy(base)
+
+    def on_fit_start(self) -> None:
+        reference = getattr(self.task, "reference", None)
+        if reference is not None:  # not a submodule (it must stay out of checkpoints): placed by hand
+            reference.to(self.device)
+        if getattr(self.task, "precompute_reference", False):
+            attach_reference_logps(self, resumed=self.trainer.ckpt_path is not None)
 
     def teardown(self, stage: str) -> None:
         if self._hf_deepspeed_config is not None:  # later stages build plain, unsharded models
@@ -101,6 +124,11 @@ class TaskModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         training_loss = getattr(self.task, "training_loss", None)  # a task may compute it more cheaply
         loss = training_loss(self.model, batch) if training_loss else self(batch).loss
+        if isinstance(loss, tuple):  # a task's loss with what to log beside it (e.g. preference rewards)
+            loss, logged = loss
+            self.log_dict(
+                {f"train/{k}": v.float() for k, v in logged.items()}, batch_size=len(batch["labels"])
+            )
         # averaged over ranks: the loss of the global batch, comparable across strategies and world sizes;
         # a NaN or inf on any rank makes the mean non-finite, so every rank takes the same decision below
         global_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")

@@ -1,0 +1,159 @@
+"""Preference tuning through the one training path: every stage of the DPO recipe, the reference model in
+each of its three forms (adapter disabled, frozen copy, precomputed and cached), exact resume, and the
+same losses on every strategy as in one process."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from toolkit.errors import ToolkitError
+from toolkit.run.pipeline import run_pipeline
+from toolkit.training.checkpoints import read_state_dict
+from toolkit.training.reference import REFERENCE_CACHE
+
+from .helpers import compose_config, train
+
+LN2 = math.log(2)
+
+
+def preference_overrides(model_dir: Path, recipe: str = "nlp/smollm2_dpo") -> list[str]:
+    return [
+        f"recipe={recipe}",
+        f"model.name_or_path={model_dir}",
+        "data.max_train_examples=16",
+        "data.max_eval_examples=8",
+        "data.batch_size=4",
+        "data.max_length=256",
+        "trainer.max_steps=3",
+        "trainer.val_check_interval=3",
+        "trainer.limit_val_batches=2",
+        "trainer.accelerator=cpu",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+        "progress_bar=false",
+    ]
+
+
+def run(run_dir: Path, overrides: list[str]) -> pd.DataFrame:
+    cfg = compose_config(overrides)
+    assert run_pipeline(cfg, run_dir) == list(cfg.stages)
+    return pd.read_csv(run_dir / "csv" / "version_0" / "metrics.csv")
+
+
+def train_losses(metrics: pd.DataFrame) -> list[float]:
+    return metrics.dropna(subset=["train/loss"]).sort_values("step")["train/loss"].tolist()
+
+
+def test_dpo_recipe_runs_every_stage_against_the_base_model(tmp_path, tiny_llama_dir):
+    """LoRA DPO: the reference is the adapter-disabled model, so the first loss is exactly log 2; every
+    variant's rewards are measured against the base model (the base's own are zero)."""
+    stages = "stages=[train,export,quantize,evaluate,report]"
+    metrics = run(tmp_path, [*preference_overrides(tiny_llama_dir), stages, "quantize=int8_weight_only"])
+    losses = train_losses(metrics)
+    assert losses[0] == pytest.approx(LN2, abs=1e-6)
+    logged = metrics.dropna(subset=["train/reward_margin"])
+    assert {"train/reward_accuracy", "train/rewards_chosen", "train/logps_rejected"} <= set(logged.columns)
+    assert metrics["val/preference_accuracy"].notna().any()
+    results = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert set(results) == {"base", "fine_tuned", "quantized"}
+    base = results["base"]
+    assert base["reward_accuracy"] == 0 and base["rewards_chosen"] == 0 and base["reward_margin"] == 0
+    assert base["preference_loss"] == pytest.approx(LN2, abs=1e-6)
+    for variant in ("fine_tuned", "quantized"):
+        assert 0 <= results[variant]["preference_accuracy"] <= 1
+        assert results[variant]["rewards_chosen"] != 0
+    gate = json.loads((tmp_path / "quantize" / "gate.json").read_text())
+    assert gate["metric"] == "preference_accuracy"
+    report = (tmp_path / "report.md").read_text()
+    assert "format `sharegpt_pairs` (pairs as given" in report and "| reward_accuracy |" in report
+
+
+@pytest.mark.parametrize("recipe,first", [("nlp/smollm2_kto", 0.5), ("nlp/smollm2_orpo", None)])
+def test_kto_and_orpo_recipes_train(tmp_path, tiny_llama_dir, recipe, first):
+    """KTO at the first step: policy = reference and z0 = 0, so each example's loss is 1 - sigmoid(0)."""
+    metrics = run(tmp_path, [*preference_overrides(tiny_llama_dir, recipe), "stages=[train,export]"])
+    losses = train_losses(metrics)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    if first is not None:
+        assert losses[0] == pytest.approx(first, abs=1e-6)
+    if recipe.endswith("orpo"):
+        assert metrics["train/nll"].notna().any()
+    else:
+        assert metrics["train/kl"].notna().any()
+
+
+RESUMABLE = [
+    "scheduler=constant",
+    "trainer.max_epochs=20",
+    "checkpoint.every_n_train_steps=1",
+    "stages=[train]",
+]
+
+
+@pytest.mark.parametrize(
+    "extra", [["task.precompute_reference=true"], []], ids=["precomputed_reference", "frozen_copy"]
+)
+def test_full_fine_tune_resumes_mid_epoch_to_the_weights_of_an_uninterrupted_run(
+    tmp_path, tiny_llama_dir, extra
+):
+    """Full fine-tuning, the reference a frozen copy (kept out of checkpoints) or precomputed: 6 steps
+    straight vs 3 steps, then a resumed run to 6 (mid-epoch: 16 pairs are 4 steps) give the same weights.
+    The precomputed values are read back from the cache: the restored weights are no longer the reference."""
+    common = [*preference_overrides(tiny_llama_dir), *RESUMABLE, "adapter=none", *extra]
+    losses = train_losses(run(tmp_path / "straight", [*common, "trainer.max_steps=6"]))
+    assert losses[0] == pytest.approx(LN2, abs=1e-6) and losses[-1] != losses[0]
+    stopped = tmp_path / "stopped"
+    run(stopped, [*common, "trainer.max_steps=3"])
+    if "task.precompute_reference=true" in extra:
+        cache = json.loads((stopped / REFERENCE_CACHE).read_text())
+        assert len(cache["values"]["train"]["ref_chosen_logps"]) == 16
+    run(stopped, [*common, "trainer.max_steps=6", "resume=last"])
+    expected = read_state_dict(tmp_path / "straight" / "checkpoints" / "last.ckpt")
+    resumed = read_state_dict(stopped / "checkpoints" / "last.ckpt")
+    assert resumed.keys() == expected.keys() and not any("reference" in key for key in resumed)
+    assert max((resumed[k] - expected[k]).abs().max().item() for k in expected) == 0.0
+
+
+def test_resume_without_the_reference_cache_is_refused(tmp_path, tiny_llama_dir):
+    common = [
+        *preference_overrides(tiny_llama_dir),
+        *RESUMABLE,
+        "adapter=none",
+        "task.precompute_reference=true",
+    ]
+    run(tmp_path, [*common, "trainer.max_steps=2"])
+    (tmp_path / REFERENCE_CACHE).unlink()
+    with pytest.raises(ToolkitError, match="needs .*reference_logps.json, written when the run started"):
+        run(tmp_path, [*common, "trainer.max_steps=4", "resume=last"])
+
+
+@pytest.fixture(scope="module")
+def single_dpo_losses(tmp_path_factory, tiny_llama_dir) -> list[float]:
+    run_dir = tmp_path_factory.mktemp("dpo_single") / "run"
+    return train(run_dir, tiny_llama_dir, *STRATEGY_COMMON, "data.batch_size=4")
+
+
+STRATEGY_COMMON = [
+    "recipe=nlp/smollm2_dpo",
+    "data.max_train_examples=16",
+    "data.max_eval_examples=8",
+    "data.max_length=256",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=1",
+]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero3", "fsdp2"])
+def test_dpo_on_two_ranks_matches_one_process(strategy, tmp_path, tiny_llama_dir, single_dpo_losses):
+    losses = train(
+        tmp_path / "run", tiny_llama_dir, *STRATEGY_COMMON, f"strategy={strategy}", "trainer.devices=2",
+        "data.batch_size=2",
+    )  # fmt: skip
+    assert single_dpo_losses[0] == pytest.approx(LN2, abs=1e-6)
+    torch.testing.assert_close(losses, single_dpo_losses, rtol=0, atol=1e-5)
