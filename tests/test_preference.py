@@ -19,7 +19,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from toolkit.tasks.preference import Preference, completion_logps
 from toolkit.tasks.preference_losses import dpo_loss, orpo_odds_ratio
 
-trl = pytest.importorskip("trl")
 VOCAB, BETA = 1000, 0.1
 
 
