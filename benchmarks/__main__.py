@@ -3,7 +3,7 @@
 import argparse
 from pathlib import Path
 
-from benchmarks import chat, data_cache, defaults, harness, memory, overhead, packing, strategies
+from benchmarks import chat, data_cache, defaults, harness, memory, overhead, packing, preference, strategies
 from benchmarks import quantize as quantize_benchmark
 
 # Each entry is a module with `main(tiny: bool) -> harness.Result`; add new benchmarks here.
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "overhead": overhead,
     "packing": packing,
     "chat": chat,
+    "preference": preference,
     "memory": memory,
     "data_cache": data_cache,
     "defaults": defaults,
