@@ -76,8 +76,13 @@ def test_dpo_recipe_runs_every_stage_against_the_base_model(tmp_path, tiny_llama
 
 @pytest.mark.parametrize("recipe,first", [("nlp/smollm2_kto", 0.5), ("nlp/smollm2_orpo", None)])
 def test_kto_and_orpo_recipes_train(tmp_path, tiny_llama_dir, recipe, first):
-    """KTO at the first step: policy = reference and z0 = 0, so each example's loss is 1 - sigmoid(0)."""
-    metrics = run(tmp_path, [*preference_overrides(tiny_llama_dir, recipe), "stages=[train,export]"])
+    """KTO at the first step: policy = reference and z0 = 0, so each example's loss is 1 - sigmoid(0). Its
+    quantize gate measures reward accuracy against the base model."""
+    stages = ["stages=[train,export,quantize]", "quantize=int8_weight_only", "quantize.max_metric_drop=1.0"]
+    metrics = run(tmp_path, [*preference_overrides(tiny_llama_dir, recipe), *stages])
+    gate = json.loads((tmp_path / "quantize" / "gate.json").read_text())
+    assert gate["metric"] == ("reward_accuracy" if first else "preference_accuracy")
+    assert 0 <= gate["quantized"] <= 1
     losses = train_losses(metrics)
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     if first is not None:

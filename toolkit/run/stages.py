@@ -246,6 +246,9 @@ def quantize_stage(cfg: DictConfig, run_dir: Path) -> None:
     if q.max_metric_drop is not None:
         data, task = build_data_and_task(cfg)
         data.setup("validate")
+        if hasattr(task, "reference"):  # preference metrics measured against the base model
+            L.seed_everything(cfg.seed)
+            task.reference = build_model(task.auto_class, **model_kwargs(cfg, data.pad_token_id))
         before = task.auto_class.from_pretrained(source)
         gate = metric_gate(before, quantized, task, data.val_dataloader(), q.max_metric_drop, source_name)
         del before
