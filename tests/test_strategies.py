@@ -72,8 +72,14 @@ KILL_COMMON = [
     "checkpoint.every_n_train_steps=1",
     "stages=[train]",
 ]
-# 10 trials across the strategies; each kills at a random moment, so the stopping steps differ per trial
+# 10 trials across the strategies; each kills at a random moment, so the stopping steps differ per trial.
+# The first trial of each strategy runs in the default suite, the other six under `-m slow`.
 KILL_TRIALS = [("ddp", 3), ("deepspeed_zero2", 3), ("deepspeed_zero3", 2), ("fsdp2", 2)]
+KILL_CASES = [
+    pytest.param(strategy, trial, marks=[pytest.mark.slow] if trial else [])
+    for strategy, trials in KILL_TRIALS
+    for trial in range(trials)
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +98,7 @@ def uninterrupted(tmp_path_factory, tiny_bert_dir):
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize(
-    "strategy,trial", [(strategy, trial) for strategy, trials in KILL_TRIALS for trial in range(trials)]
-)
+@pytest.mark.parametrize("strategy,trial", KILL_CASES)
 def test_kill_and_resume_ends_with_the_same_weights(strategy, trial, tmp_path, tiny_bert_dir, uninterrupted):
     """2 ranks, dropout on, shuffled, checkpoint every step: SIGKILL the whole job at a random moment
     (mid-epoch, possibly mid-save), resume from last in a new job: the final weights equal an
