@@ -54,7 +54,8 @@ def test_dpo_recipe_runs_every_stage_against_the_base_model(tmp_path, tiny_llama
     """LoRA DPO: the reference is the adapter-disabled model, so the first loss is exactly log 2; every
     variant's rewards are measured against the base model (the base's own are zero)."""
     stages = "stages=[train,export,quantize,evaluate,report]"
-    metrics = run(tmp_path, [*preference_overrides(tiny_llama_dir), stages, "quantize=int8_weight_only"])
+    quantize = ["quantize=int8_weight_only", "quantize.max_metric_drop=1.0", "evaluate.max_new_tokens=3"]
+    metrics = run(tmp_path, [*preference_overrides(tiny_llama_dir), stages, *quantize])
     losses = train_losses(metrics)
     assert losses[0] == pytest.approx(LN2, abs=1e-6)
     logged = metrics.dropna(subset=["train/reward_margin"])
@@ -70,6 +71,9 @@ def test_dpo_recipe_runs_every_stage_against_the_base_model(tmp_path, tiny_llama
         assert results[variant]["rewards_chosen"] != 0
     gate = json.loads((tmp_path / "quantize" / "gate.json").read_text())
     assert gate["metric"] == "preference_accuracy"
+    samples = json.loads((tmp_path / "evaluate" / "samples.json").read_text())
+    assert len(samples) == 4 and set(samples[0]["answers"]) == {"base", "fine_tuned", "quantized"}
+    assert samples[0]["prompt"].endswith("<|im_start|>assistant\n") and samples[0]["reference"]
     report = (tmp_path / "report.md").read_text()
     assert "format `sharegpt_pairs` (pairs as given" in report and "| reward_accuracy |" in report
 

@@ -13,9 +13,14 @@ import torch
 
 
 def held_out_prompts(dataset: Any, count: int) -> list[dict[str, list[int]]]:
-    """The first `count` test examples as {prompt_ids, reference_ids}."""
+    """The first `count` test examples as {prompt_ids, reference_ids}; preference pairs carry their prompt,
+    and their chosen (or KTO's rated) answer is the reference."""
     prompts = []
-    for row in dataset.select(range(min(count, len(dataset)))):
+    rows = dataset.select(range(min(count, len(dataset))))
+    if "prompt_ids" in dataset.column_names:
+        answer = "chosen_ids" if "chosen_ids" in dataset.column_names else "completion_ids"
+        return [{"prompt_ids": row["prompt_ids"], "reference_ids": row[answer]} for row in rows]
+    for row in rows:
         ids, labels = row["input_ids"], row["labels"]
         trained = [i for i, label in enumerate(labels) if label != -100]
         if not trained:

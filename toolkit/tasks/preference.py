@@ -117,8 +117,10 @@ class Preference:
         """The reference model's answer log-probabilities for the batch's rows (None: no reference here)."""
         if f"{prefix}ref_logps" in batch:
             return batch[f"{prefix}ref_logps"]
-        if self.reference is not None:
-            return completion_logps(self.reference, batch, prefix)[0]
+        if self.reference is not None:  # e.g. the base model on the CPU beside a quantized one on a GPU
+            device = next(self.reference.parameters()).device
+            moved = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            return completion_logps(self.reference, moved, prefix)[0].to(batch[f"{prefix}input_ids"].device)
         if hasattr(model, "disable_adapter"):  # LoRA: the base is the reference, with no second copy
             with model.disable_adapter():
                 return completion_logps(model, batch, prefix)[0]
