@@ -142,12 +142,6 @@ def test_resume_without_the_reference_cache_is_refused(tmp_path, tiny_llama_dir)
         run(tmp_path, [*common, "trainer.max_steps=4", "resume=last"])
 
 
-@pytest.fixture(scope="module")
-def single_dpo_losses(tmp_path_factory, tiny_llama_dir) -> list[float]:
-    run_dir = tmp_path_factory.mktemp("dpo_single") / "run"
-    return train(run_dir, tiny_llama_dir, *STRATEGY_COMMON, "data.batch_size=4")
-
-
 STRATEGY_COMMON = [
     "recipe=nlp/smollm2_dpo",
     "data.max_train_examples=16",
@@ -156,13 +150,38 @@ STRATEGY_COMMON = [
     "trainer.val_check_interval=3",
     "trainer.limit_val_batches=1",
 ]
+FULL_PRECOMPUTED = ["adapter=none", "task.precompute_reference=true"]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "deepspeed_zero3", "fsdp2"])
-def test_dpo_on_two_ranks_matches_one_process(strategy, tmp_path, tiny_llama_dir, single_dpo_losses):
-    losses = train(
-        tmp_path / "run", tiny_llama_dir, *STRATEGY_COMMON, f"strategy={strategy}", "trainer.devices=2",
-        "data.batch_size=2",
-    )  # fmt: skip
-    assert single_dpo_losses[0] == pytest.approx(LN2, abs=1e-6)
-    torch.testing.assert_close(losses, single_dpo_losses, rtol=0, atol=1e-5)
+@pytest.fixture(scope="module")
+def single_dpo_losses(tmp_path_factory, tiny_llama_dir):
+    """First losses of one process, per reference form (LoRA: adapter disabled; full: precomputed), once."""
+    losses: dict[str, list[float]] = {}
+
+    def of(form: str) -> list[float]:
+        if form not in losses:
+            run_dir = tmp_path_factory.mktemp(f"dpo_single_{form}") / "run"
+            extra = FULL_PRECOMPUTED if form == "full" else []
+            losses[form] = train(run_dir, tiny_llama_dir, *STRATEGY_COMMON, *extra, "data.batch_size=4")
+        return losses[form]
+
+    return of
+
+
+@pytest.mark.parametrize(
+    "strategy,form",
+    [("ddp", "lora"), ("deepspeed_zero3", "lora"), ("fsdp2", "lora"), ("deepspeed_zero3", "full"),
+     ("fsdp2", "full")],
+)  # fmt: skip
+def test_dpo_on_two_ranks_matches_one_process(strategy, form, tmp_path, tiny_llama_dir, single_dpo_losses):
+    """LoRA's adapter-disabled reference, and a full fine-tune's precomputed reference (every rank runs the
+    sharded initial model over the data before the first step), give one process's losses on 2 ranks."""
+    extra = FULL_PRECOMPUTED if form == "full" else []
+    run_dir = tmp_path / "run"
+    losses = train(run_dir, tiny_llama_dir, *STRATEGY_COMMON, *extra, f"strategy={strategy}",
+                   "trainer.devices=2", "data.batch_size=2")  # fmt: skip
+    expected = single_dpo_losses(form)
+    assert expected[0] == pytest.approx(LN2, abs=1e-6)
+    torch.testing.assert_close(losses, expected, rtol=0, atol=1e-5)
+    if form == "full":
+        assert (run_dir / REFERENCE_CACHE).exists()
