@@ -91,7 +91,7 @@ def test_recipe_instantiates(recipe, tmp_path, tiny_vit_rgb_dir):
     "recipe,shorter",
     [
         ("nlp/llama3_8b_lora_sft", []),
-        ("nlp/llama3_8b_dpo", ["data.max_length=256"]),
+        ("nlp/llama3_8b_dpo", ["data.max_length=192", "trainer.limit_val_batches=1"]),
         # rows of 4,096 tokens under bf16 autocast take minutes on a CPU: the same packing, shorter rows;
         # every stage the recipe lists (its lm-eval benchmarks need the hub: not here)
         (
