@@ -181,7 +181,8 @@ def test_dpo_on_two_ranks_matches_one_process(strategy, form, tmp_path, tiny_lla
 def test_dpo_recipe_as_written_prefers_the_chosen_answers_more_than_its_base(tmp_path):
     """The real SmolLM2-135M-Instruct, DPO-tuned by `nlp/smollm2_dpo` as written: on the held-out pairs, the
     tuned model gives the chosen answer the higher per-token log-probability more often than the base does,
-    and its implicit reward ranks most pairs right."""
+    and its implicit reward ranks most pairs right (measured on 30 test pairs: preference accuracy 0.367 ->
+    0.400, reward accuracy 0.600, margin +0.020: a weak signal; the recipe's steps and rate need tuning)."""
     cfg = compose_config(["recipe=nlp/smollm2_dpo", "stages=[train,export,evaluate]", "logger=none",
                           "progress_bar=false", "evaluate.samples=0"])  # fmt: skip
     assert run_pipeline(cfg, tmp_path) == ["train", "export", "evaluate"]
