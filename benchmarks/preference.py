@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +28,10 @@ import torch
 from datasets import Dataset
 from hydra.utils import instantiate
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 
 from benchmarks.harness import TINY_LLAMA, Result, train_with_resources
-from benchmarks.overhead import Clock, job_config, run_toolkit
+from benchmarks.overhead import Clock, _TrainerClock, job_config, run_toolkit
 from toolkit.data.sources import load_splits
 from toolkit.models.adapters import adapter_settings
 from toolkit.training.callbacks import batch_tokens
@@ -53,14 +52,6 @@ MEMORY_ARMS = {
     "full_frozen_copy": ["adapter=none"],
     "full_precomputed": ["adapter=none", "task.precompute_reference=true"],
 }
-
-
-class _TrainerClock(TrainerCallback):
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.ends.append(time.perf_counter())
 
 
 def conversational_pairs(cfg: Any) -> Dataset:
