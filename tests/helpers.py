@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +23,7 @@ from transformers import (
 from toolkit.cli import train as train_command
 from toolkit.config import compose_config as toolkit_compose_config
 from toolkit.data.text import TextClassificationData
+from toolkit.training.checkpoints import existing_checkpoint
 
 # Tiny models built from config (real tokenizers): 2-layer BERT / Llama.
 TINY_BERT = (
@@ -253,3 +257,26 @@ def run_load_lines(report: str) -> list[str]:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-2000:]
     return commands
+
+
+def kill_after_a_checkpoint(run_dir: Path, base: Path, *overrides: str) -> int:
+    """Start a training job, SIGKILL all its ranks at a random moment after its first checkpoint
+    (mid-epoch, possibly mid-save), and return the step its last checkpoint holds."""
+    args = [*COMMON, f"model.name_or_path={base}", f"hydra.run.dir={run_dir}", *overrides]
+    job = subprocess.Popen(
+        [str(TOOLKIT_TRAIN), *args],
+        cwd=run_dir.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env=checked_collectives(overrides),
+    )
+    deadline = time.time() + 600
+    while (
+        not (run_dir / "checkpoints" / "last.ckpt").exists() and job.poll() is None and time.time() < deadline
+    ):
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.0))
+    os.killpg(job.pid, signal.SIGKILL)  # every rank at once, like a lost node
+    job.wait()
+    return checkpoint_step(existing_checkpoint(run_dir / "checkpoints" / "last.ckpt"))

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
-from toolkit.errors import ToolkitError
 from toolkit.run.pipeline import run_pipeline
 from toolkit.training.checkpoints import read_state_dict
 from toolkit.training.reference import REFERENCE_CACHE
 
-from .helpers import compose_config, train
+from .helpers import COMMON, compose_config, kill_after_a_checkpoint, toolkit_train, train
 
 LN2 = math.log(2)
 
@@ -97,40 +97,53 @@ def test_kto_and_orpo_recipes_train(tmp_path, tiny_llama_dir, recipe, first):
         assert metrics["train/kl"].notna().any()
 
 
-RESUMABLE = [
+KILLABLE = [
+    "recipe=nlp/smollm2_dpo",
+    "adapter=none",
     "scheduler=constant",
-    "trainer.max_epochs=20",
+    "data.max_train_examples=16",  # 4 steps an epoch: most kills land mid-epoch
+    "data.max_eval_examples=8",
+    "data.max_length=256",
+    "data.batch_size=4",
+    "trainer.max_steps=12",
+    "trainer.max_epochs=10",
+    "trainer.limit_val_batches=0",
     "checkpoint.every_n_train_steps=1",
     "stages=[train]",
 ]
 
 
-@pytest.mark.parametrize(
-    "extra", [["task.precompute_reference=true"], []], ids=["precomputed_reference", "frozen_copy"]
-)
-def test_full_fine_tune_resumes_mid_epoch_to_the_weights_of_an_uninterrupted_run(
-    tmp_path, tiny_llama_dir, extra
+@pytest.mark.faults
+@pytest.mark.parametrize("form", ["precomputed", "frozen_copy"])
+def test_a_full_fine_tune_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
+    tmp_path, tiny_llama_dir, form
 ):
-    """Full fine-tuning, the reference a frozen copy (kept out of checkpoints) or precomputed: 6 steps
-    straight vs 3 steps, then a resumed run to 6 (mid-epoch: 16 pairs are 4 steps) give the same weights.
-    The precomputed values are read back from the cache: the restored weights are no longer the reference."""
-    common = [*preference_overrides(tiny_llama_dir), *RESUMABLE, "adapter=none", *extra]
-    losses = train_losses(run(tmp_path / "straight", [*common, "trainer.max_steps=6"]))
+    """Full fine-tuning, the reference precomputed (cached in the run directory) or a frozen copy (kept out
+    of checkpoints, rebuilt from the model's source): SIGKILL at a random moment after the first checkpoint,
+    resume from last in a new job: the final weights equal an uninterrupted run's, bit for bit. The cached
+    values are read back: the restored weights are no longer the reference; without the cache a resume is
+    refused in one line, not computed wrong."""
+    common = [*KILLABLE, *REFERENCE_FORMS[form]]
+    losses = train(tmp_path / "straight", tiny_llama_dir, *common)
     assert losses[0] == pytest.approx(LN2, abs=1e-6) and losses[-1] != losses[0]
-    stopped = tmp_path / "stopped"
-    run(stopped, [*common, "trainer.max_steps=3"])
-    if "task.precompute_reference=true" in extra:
-        cache = json.loads((stopped / REFERENCE_CACHE).read_text())
-        assert len(cache["values"]["train"]["ref_chosen_logps"]) == 16
-    run(stopped, [*common, "trainer.max_steps=6", "resume=last"])
+    killed = tmp_path / "killed"
+    stopped_at = kill_after_a_checkpoint(killed, tiny_llama_dir, *common)
+    assert stopped_at < 12, "the run finished before it could be killed"
+    train(killed, tiny_llama_dir, *common, f"from_run={killed}", "resume=last")
     expected = read_state_dict(tmp_path / "straight" / "checkpoints" / "last.ckpt")
-    resumed = read_state_dict(stopped / "checkpoints" / "last.ckpt")
+    resumed = read_state_dict(killed / "checkpoints" / "last.ckpt")
     assert resumed.keys() == expected.keys() and not any("reference" in key for key in resumed)
-    assert max((resumed[k] - expected[k]).abs().max().item() for k in expected) == 0.0
-    if "task.precompute_reference=true" in extra:  # without the cache, a resume is refused, not wrong
-        (stopped / REFERENCE_CACHE).unlink()
-        with pytest.raises(ToolkitError, match="needs .*reference_logps.json, written when the run started"):
-            run(stopped, [*common, "trainer.max_steps=8", "resume=last"])
+    diff = max((resumed[k] - expected[k]).abs().max().item() for k in expected)
+    assert diff == 0.0, f"{form}, killed after step {stopped_at}: max |dw| after resume = {diff}"
+    if form == "precomputed":
+        cache = json.loads((killed / REFERENCE_CACHE).read_text())
+        assert len(cache["values"]["train"]["ref_chosen_logps"]) == 16
+        (killed / REFERENCE_CACHE).unlink()
+        rerun = [*COMMON, f"model.name_or_path={tiny_llama_dir}", *common, f"from_run={killed}",
+                 "resume=last", "trainer.max_steps=14"]  # fmt: skip
+        result = toolkit_train(rerun, tmp_path)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert re.search(r"error: resuming a full fine-tune .* needs .*reference_logps.json", result.stderr)
 
 
 STRATEGY_COMMON = [
@@ -141,19 +154,23 @@ STRATEGY_COMMON = [
     "trainer.val_check_interval=3",
     "trainer.limit_val_batches=1",
 ]
-FULL_PRECOMPUTED = ["adapter=none", "task.precompute_reference=true"]
+REFERENCE_FORMS = {
+    "lora": [],
+    "frozen_copy": ["adapter=none"],
+    "precomputed": ["adapter=none", "task.precompute_reference=true"],
+}
 
 
 @pytest.fixture(scope="module")
 def single_dpo_losses(tmp_path_factory, tiny_llama_dir):
-    """First losses of one process, per reference form (LoRA: adapter disabled; full: precomputed), once."""
+    """First losses of one process, per reference form, once each."""
     losses: dict[str, list[float]] = {}
 
     def of(form: str) -> list[float]:
         if form not in losses:
             run_dir = tmp_path_factory.mktemp(f"dpo_single_{form}") / "run"
-            extra = FULL_PRECOMPUTED if form == "full" else []
-            losses[form] = train(run_dir, tiny_llama_dir, *STRATEGY_COMMON, *extra, "data.batch_size=4")
+            overrides = [*STRATEGY_COMMON, *REFERENCE_FORMS[form], "data.batch_size=4"]
+            losses[form] = train(run_dir, tiny_llama_dir, *overrides)
         return losses[form]
 
     return of
@@ -161,20 +178,26 @@ def single_dpo_losses(tmp_path_factory, tiny_llama_dir):
 
 @pytest.mark.parametrize(
     "strategy,form",
-    [("ddp", "lora"), ("fsdp2", "lora"), ("deepspeed_zero3", "full"), ("fsdp2", "full")],
+    [("ddp", "lora"), ("deepspeed_zero3", "frozen_copy"), ("fsdp2", "frozen_copy"),
+     ("deepspeed_zero3", "precomputed")],
 )  # fmt: skip
 def test_dpo_on_two_ranks_matches_one_process(strategy, form, tmp_path, tiny_llama_dir, single_dpo_losses):
-    """LoRA's adapter-disabled reference, and a full fine-tune's precomputed reference (every rank runs the
-    sharded initial model over the data before the first step), give one process's losses on 2 ranks."""
-    extra = FULL_PRECOMPUTED if form == "full" else []
+    """Each form of the reference gives one process's losses on 2 ranks: LoRA's adapter-disabled base; a
+    full fine-tune's frozen copy, sharded like the policy (ZeRO-3: its own partitions and an engine without
+    optimizer; FSDP2: fully_shard per block), kept out of checkpoints; and precomputed log-probabilities
+    (every rank runs the sharded initial model over the data before the first step)."""
     run_dir = tmp_path / "run"
-    losses = train(run_dir, tiny_llama_dir, *STRATEGY_COMMON, *extra, f"strategy={strategy}",
+    losses = train(run_dir, tiny_llama_dir, *STRATEGY_COMMON, *REFERENCE_FORMS[form], f"strategy={strategy}",
                    "trainer.devices=2", "data.batch_size=2")  # fmt: skip
     expected = single_dpo_losses(form)
     assert expected[0] == pytest.approx(LN2, abs=1e-6)
     torch.testing.assert_close(losses, expected, rtol=0, atol=1e-5)
-    if form == "full":
-        assert (run_dir / REFERENCE_CACHE).exists()
+    assert (run_dir / REFERENCE_CACHE).exists() == (form == "precomputed")
+    if form == "frozen_copy":  # each rank holds half of the copy (ZeRO-3 pads its partitions a little)
+        held, total = re.search(
+            r"this rank holds ([\d,]+) of ([\d,]+)", (run_dir / "train.log").read_text()
+        ).groups()
+        assert int(held.replace(",", "")) == pytest.approx(int(total.replace(",", "")) / 2, rel=0.01)
 
 
 @pytest.mark.slow  # ~40 min on 2 CPU cores: 60 real LoRA DPO steps of a 135M model on pairs of ~1,000 tokens

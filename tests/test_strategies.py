@@ -4,11 +4,6 @@ to HF/PEFT directories that hold the trained weights."""
 from __future__ import annotations
 
 import math
-import os
-import random
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 from toolkit.training.checkpoints import existing_checkpoint, read_state_dict
 from toolkit.training.memory import SHARDING
 
-from .helpers import COMMON, TOOLKIT_TRAIN, checked_collectives, checkpoint_step, toolkit_train, train
+from .helpers import checkpoint_step, kill_after_a_checkpoint, toolkit_train, train
 
 STRATEGIES = [name for name in SHARDING if name != "single"]  # every multi-rank strategy
 
@@ -114,29 +109,6 @@ def test_kill_and_resume_ends_with_the_same_weights(strategy, trial, tmp_path, t
     diff = max((resumed[k] - expected[k]).abs().max().item() for k in expected)
     print(f"{strategy} trial {trial}: killed after step {stopped_at}, max |dw| after resume = {diff}")
     assert diff == 0.0, f"{strategy}, killed after step {stopped_at}: max |dw| after resume = {diff}"
-
-
-def kill_after_a_checkpoint(run_dir: Path, base: Path, *overrides: str) -> int:
-    """Start a training job, SIGKILL all its ranks at a random moment after its first checkpoint
-    (mid-epoch, possibly mid-save), and return the step its last checkpoint holds."""
-    args = [*COMMON, f"model.name_or_path={base}", f"hydra.run.dir={run_dir}", *overrides]
-    job = subprocess.Popen(
-        [str(TOOLKIT_TRAIN), *args],
-        cwd=run_dir.parent,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=checked_collectives(overrides),
-    )
-    deadline = time.time() + 600
-    while (
-        not (run_dir / "checkpoints" / "last.ckpt").exists() and job.poll() is None and time.time() < deadline
-    ):
-        time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.0))
-    os.killpg(job.pid, signal.SIGKILL)  # every rank at once, like a lost node
-    job.wait()
-    return checkpoint_step(existing_checkpoint(run_dir / "checkpoints" / "last.ckpt"))
 
 
 def all_losses(run_dir: Path) -> dict[int, float]:

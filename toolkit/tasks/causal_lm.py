@@ -21,7 +21,8 @@ from toolkit.tasks.base import model_inputs
 
 
 def takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the (PEFT-wrapped) transformers model computes logits at chosen positions only."""
+    """Whether the (PEFT- or DeepSpeed-wrapped) transformers model computes logits at given positions only."""
+    model = getattr(model, "module", model)  # a DeepSpeed engine passes keywords through to its module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return _forwardtakes_logits_to_keep(type(base))
 

@@ -22,7 +22,7 @@ from toolkit.errors import ToolkitError
 from toolkit.models.adapters import apply_adapter, is_adapter, trainable_summary
 from toolkit.models.build import build_model
 from toolkit.tasks.base import Task, compute_metrics, model_inputs
-from toolkit.training.reference import attach_reference_logps, disable_dropout, frozen_copy
+from toolkit.training.reference import attach_reference_logps, disable_dropout, frozen_copy, held_parameters
 
 
 def build_optimizer(
@@ -58,6 +58,7 @@ class TaskModule(L.LightningModule):
         self.task, self.model_kwargs, self.adapter = task, model or {}, adapter
         self.optimizer_factory, self.scheduler_factory, self.total_steps = optimizer, scheduler, total_steps
         self.model: torch.nn.Module | None = prebuilt
+        self._block_names: list[str] = []  # the transformer blocks: what sharded strategies shard
         self._hf_deepspeed_config: HfDeepSpeedConfig | None = None
         self.val_metrics = task.metrics()
         self.test_metrics = task.metrics()
@@ -74,37 +75,48 @@ class TaskModule(L.LightningModule):
         # Under ZeRO-3 transformers must see the DeepSpeed config while it builds or loads the model: it then
         # initialises and loads the partitioned weights itself (without it, zero.Init leaves garbage weights).
         self._hf_deepspeed_config = HfDeepSpeedConfig(zero3) if zero3 else None
-        base = build_model(self.task.auto_class, **self.model_kwargs, **self.task.model_kwargs())
+        build = functools.partial(
+            build_model, self.task.auto_class, **self.model_kwargs, **self.task.model_kwargs()
+        )
+        if self.keeps_frozen_reference and zero3:
+            # zero.Init partitions the weights as they are built, and partitions cannot be deep-copied: the
+            # reference is built again, from the random state the policy then starts from (same weights)
+            with torch.random.fork_rng():
+                self.task.reference = frozen_copy(build(), copy=False)
+        base = build()
         if getattr(self.task, "uses_reference", False):
-            self.prepare_reference(base, strategy)
+            disable_dropout(base)  # the reference never trains: the two must agree before any step
+        if self.keeps_frozen_reference and self.task.reference is None:
+            self.task.reference = frozen_copy(base)
+        self._block_names = list(base._no_split_modules or [])
         self.model = apply_adapter(base, self.adapter, self.task.peft_task_type)
         # from_pretrained returns eval mode (dropout off) and Lightning keeps the mode it finds
         self.model.train()
         trainable, total = trainable_summary(self.model)  # before sharding: whole-model counts
         if hasattr(strategy, "shard"):
-            strategy.shard(self.model, list(base._no_split_modules or []))
+            strategy.shard(self.model, self._block_names)
         if self._trainer is not None and self._trainer.is_global_zero:  # once, when training
             console.print(
                 f"[bold]trainable parameters[/]: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
             )
 
-    def prepare_reference(self, base: torch.nn.Module, strategy: Any) -> None:
-        """Preference tuning: dropout off; a full fine-tune without precomputed reference log-probabilities
-        keeps a frozen copy of the initial model (LoRA disables its adapter instead: no copy)."""
-        disable_dropout(base)
-        if self.adapter or self.task.precompute_reference:
-            return
-        if hasattr(strategy, "shard") or getattr(strategy, "zero3_config", None):
-            raise ToolkitError(
-                "a full fine-tune's frozen reference copy is not sharded under this strategy; set "
-                "task.precompute_reference=true (the reference leaves memory) or use adapter=lora"
-            )
-        self.task.reference = frozen_copy(base)
+    @property
+    def keeps_frozen_reference(self) -> bool:
+        """Preference tuning's full fine-tune without precomputed reference log-probabilities keeps a frozen
+        copy of the initial model (LoRA disables its adapter instead: no copy)."""
+        task = self.task
+        return getattr(task, "uses_reference", False) and not self.adapter and not task.precompute_reference
 
     def on_fit_start(self) -> None:
         reference = getattr(self.task, "reference", None)
-        if reference is not None:  # not a submodule (it must stay out of checkpoints): placed by hand
-            reference.to(self.device)
+        if reference is not None:  # not a submodule (it must stay out of checkpoints): placed here
+            place = getattr(self.trainer.strategy, "place_frozen", None)
+            self.task.reference = place(reference, self._block_names) if place else reference.to(self.device)
+            held, total = held_parameters(self.task.reference)
+            if self.trainer.is_global_zero:
+                console.print(
+                    f"[bold]reference model[/]: a frozen copy; this rank holds {held:,} of {total:,}"
+                )
         if getattr(self.task, "precompute_reference", False):
             attach_reference_logps(self, resumed=self.trainer.ckpt_path is not None)
 

@@ -9,8 +9,8 @@ reads the initial model's values instead of recomputing them with the weights it
 
 from __future__ import annotations
 
-import copy
 import json
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,25 @@ REFERENCE_CACHE = "reference_logps.json"
 PRECOMPUTED_SPLITS = ("train", "validation")
 
 
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The initial model, in eval mode with no gradients: the reference of a full fine-tune."""
-    reference = copy.deepcopy(model).eval()
+def frozen_copy(model: torch.nn.Module, copy: bool = True) -> torch.nn.Module:
+    """The initial model, in eval mode with no gradients: the reference of a full fine-tune (`copy=False`:
+    `model` itself, built for the purpose)."""
+    reference = (deepcopy(model) if copy else model).eval()
     reference.requires_grad_(False)
     return reference
+
+
+def held_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(parameters this rank holds, parameters of the whole model): a ZeRO-3 partition (`ds_tensor`), an
+    FSDP2 shard (a DTensor's local part), or everything."""
+    held = total = 0
+    for param in model.parameters():
+        if hasattr(param, "ds_tensor"):
+            held, total = held + param.ds_tensor.numel(), total + param.ds_numel
+        else:
+            local = param.to_local() if hasattr(param, "to_local") else param
+            held, total = held + local.numel(), total + param.numel()
+    return held, total
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

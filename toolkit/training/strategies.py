@@ -52,9 +52,8 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
         import deepspeed
 
-        # a CPU device has no index: DeepSpeed takes the local rank as its device rank instead
         engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank),
+            args=self._device_rank_args(),
             config=self.config,
             model=model,
             model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
@@ -63,6 +62,27 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
             dist_init_required=False,
         )
         return engine, deepspeed_optimizer
+
+    def _device_rank_args(self) -> argparse.Namespace:
+        # as Lightning's on CUDA; a CPU device has no index: DeepSpeed takes the local rank instead
+        index = self.root_device.index if self.root_device.type == "cuda" else self.local_rank
+        return argparse.Namespace(device_rank=index)
+
+    def place_frozen(self, module: nn.Module, block_names: list[str]) -> nn.Module:
+        """A frozen model beside the policy (preference tuning's reference). Under ZeRO-3 (`module` built
+        inside zero.Init, so already partitioned) it gets an engine without optimizer, as TRL gives its
+        reference: each forward gathers the layers' shards from every rank. ZeRO-1/2 shard only optimizer
+        states and gradients, which a frozen model has none of: it is a plain copy on the device."""
+        if not self.zero_stage_3:
+            return module.to(self.root_device)
+        import deepspeed
+
+        config = {k: v for k, v in self.config.items() if k not in ("optimizer", "scheduler")}
+        engine, *_ = deepspeed.initialize(
+            args=self._device_rank_args(), config=config, model=module, dist_init_required=False
+        )
+        engine.eval()  # DeepSpeed's eval() returns None, not the module
+        return engine
 
     def save_checkpoint(self, checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
         parent = super()
@@ -177,6 +197,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_directory_atomically(
             self, lambda path: parent.save_checkpoint(checkpoint, path, storage_options), filepath
         )
+
+    def place_frozen(self, module: nn.Module, block_names: list[str]) -> nn.Module:
+        """A frozen model beside the policy (preference tuning's reference), sharded like it: each forward
+        gathers a block's shards from every rank and frees them after."""
+        self.shard(module, block_names)
+        return module
 
     def shard(self, model: nn.Module, block_names: list[str]) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
