@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from toolkit.console import console
 from toolkit.run.samples import answer_prompts, held_out_prompts, samples_record
-from toolkit.tasks.base import Task, compute_metrics, model_inputs
+from toolkit.tasks.base import Task, compute_metrics, eval_forward, model_inputs
 from toolkit.tasks.harness import harness_metrics, harness_tasks, task_manager
 
 
@@ -25,7 +25,7 @@ def evaluate_model(model: torch.nn.Module, task: Task, loader: Any, stage: str =
     metrics = task.metrics().to(device)
     for batch in loader:
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        task.update(metrics, model, batch, model(**model_inputs(batch)), stage)
+        task.update(metrics, model, batch, eval_forward(task, model, batch), stage)
     return {name: float(value) for name, value in compute_metrics(metrics).items()}
 
 

@@ -14,7 +14,8 @@ from torchmetrics import MetricCollection
 
 class Task(Protocol):
     """What TaskModule, the stages and the estimator ask of a task. Optional, where a task has them:
-    `training_loss(model, batch)`, `bind(data)` (model shape from the data, e.g. an item vocabulary),
+    `training_loss(model, batch)`, `eval_forward(model, batch)` (the outputs `update` reads, when the full
+    logits are more than it needs), `bind(data)` (model shape from the data, e.g. an item vocabulary),
     `save_figures(variants, loader, directory)` (e.g. a confusion matrix), `answer_choices`."""
 
     auto_class: ClassVar[Any]  # the transformers Auto class that builds and loads the model
@@ -46,3 +47,10 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # only when no KV cache exists; with the default use_cache=True, examples attend to each other.
         inputs["use_cache"] = False
     return inputs
+
+
+def eval_forward(task: Task, model: Any, batch: dict[str, torch.Tensor]) -> Any:
+    """The forward whose outputs the task's `update` reads (and whose `loss` is logged): the model's own,
+    unless the task scores batches more cheaply."""
+    forward = getattr(task, "eval_forward", None)
+    return forward(model, batch) if forward else model(**model_inputs(batch))

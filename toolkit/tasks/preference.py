@@ -14,6 +14,8 @@ fine-tuned models are compared on it; it is the primary metric (checkpoints, the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -60,6 +62,19 @@ def answer_logps(logits: torch.Tensor, next_labels: torch.Tensor) -> tuple[torch
     return (token_logps * mask).sum(-1), mask.sum(-1)
 
 
+@dataclass
+class AnswerScores:
+    """What preference metrics read of a forward: answer log-probabilities and lengths per row, and `loss`,
+    the answers' token NLL (what the HF model's own loss would be on these labels)."""
+
+    logps: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return -self.logps.sum() / self.lengths.sum().clamp(min=1)
+
+
 class Preference:
     """`loss`: dpo | ipo | orpo | kto; `beta`: strength (DPO/IPO/KTO: of the reference constraint; ORPO: the
     weight of the odds-ratio term, its paper's lambda); `label_smoothing`: conservative DPO's flip rate."""
@@ -95,13 +110,10 @@ class Preference:
         self.reference: torch.nn.Module | None = None  # a frozen model, when no adapter can be disabled
         self.primary_metric = "reward_accuracy" if loss == "kto" else "preference_accuracy"
         self.mode = "max"
-        self._tokenizer: PreTrainedTokenizerBase | None = None
 
-    @property
+    @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_path)
-        return self._tokenizer
+        return load_tokenizer(self.tokenizer_path)  # on first use: a task or data module is cheap to build
 
     @property
     def uses_reference(self) -> bool:
@@ -227,12 +239,18 @@ class Preference:
             {name: MeanMetric(nan_strategy="ignore") for name in (*names, "preference_loss")}
         )
 
+    def eval_forward(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> AnswerScores:
+        """Held-out batches are scored at answer positions only: the full logits of chosen and rejected rows
+        (tokens x vocabulary, fp32) are what would dominate evaluation's memory."""
+        return AnswerScores(*completion_logps(model, batch))
+
     def update(
         self, metrics: MetricCollection, model: torch.nn.Module, batch: dict, outputs: Any, stage: str
     ) -> None:
-        """Held-out metrics from the forward the caller ran (`outputs`), weighted by the pairs (examples) of
-        the batch; without a reference model (a full fine-tune evaluated alone), the reference-free one."""
-        logps, lengths = answer_logps(outputs.logits[:, :-1], batch["labels"][:, 1:])
+        """Held-out metrics from the forward the caller ran (`outputs`, from `eval_forward`), weighted by the
+        pairs (examples) of the batch; without a reference model (a full fine-tune evaluated alone), the
+        reference-free one."""
+        logps, lengths = outputs.logps, outputs.lengths
         reference = self.reference_logps(model, batch) if self.uses_reference else None
         if self.reference is model and "ref_logps" not in batch:
             reference = logps  # the base model scored against itself: exactly zero rewards, no rounding

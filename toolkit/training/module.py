@@ -21,7 +21,7 @@ from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.models.adapters import apply_adapter, is_adapter, trainable_summary
 from toolkit.models.build import build_model
-from toolkit.tasks.base import Task, compute_metrics, model_inputs
+from toolkit.tasks.base import Task, compute_metrics, eval_forward, model_inputs
 from toolkit.training.reference import attach_reference_logps, disable_dropout, frozen_copy, held_parameters
 
 
@@ -165,7 +165,7 @@ class TaskModule(L.LightningModule):
         self._eval_step(batch, self.test_metrics, "test")
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: Any, stage: str) -> None:
-        outputs = self(batch)
+        outputs = eval_forward(self.task, self.model, batch)
         self.log(f"{stage}/loss", outputs.loss, sync_dist=True, batch_size=batch["labels"].shape[0])
         self.task.update(metrics, self.model, batch, outputs, stage)
 
