@@ -7,7 +7,7 @@ seed; its fingerprint is recorded in the run directory, so later stages can refu
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import lightning as L
@@ -66,13 +66,10 @@ class TokenizedData(L.LightningDataModule):
         self.group_by_length = group_by_length
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
         self.splits: DatasetDict | None = None
-        self._tokenizer: PreTrainedTokenizerBase | None = None
 
-    @property
+    @cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_path)
-        return self._tokenizer
+        return load_tokenizer(self.tokenizer_path)  # on first use: a task or data module is cheap to build
 
     @property
     def pad_token_id(self) -> int | None:

@@ -50,13 +50,10 @@ class CausalLM:
         self.tokenizer_path = tokenizer
         self.answer_choices = [c.lower() for c in answer_choices or []]
         self.max_new_tokens = max_new_tokens
-        self._tokenizer = None
 
-    @property
+    @functools.cached_property
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.tokenizer_path)
-        return self._tokenizer
+        return load_tokenizer(self.tokenizer_path)  # on first use: a task or data module is cheap to build
 
     def model_kwargs(self) -> dict[str, Any]:
         return {}
