@@ -4,15 +4,19 @@ reference implementation lays them out (chosen rows, then rejected rows)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from datasets import Dataset
 
+from toolkit.data import preference
 from toolkit.data.assets import asset_path
 from toolkit.data.conversations import IGNORE
 from toolkit.data.preference import PreferenceData
 from toolkit.data.sources import numbered
 
+preference_render = preference.render
 SYSTEM = {"role": "system", "content": "You are terse."}
 HISTORY = [SYSTEM, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
            {"role": "user", "content": "What is 2+2?"}]  # fmt: skip
@@ -131,3 +135,19 @@ def test_precomputed_reference_columns_reach_the_batch(fmt):
     batch = data.collate([table[0], table[1]])
     expected = [0.0, -1.0, -10.0, -11.0] if fmt == "pairs" else [0.0, -1.0]
     assert batch["ref_logps"].tolist() == expected
+
+
+def test_encoded_pairs_are_cached_beside_the_source_and_keyed_by_the_encoding(tmp_path, monkeypatch):
+    """Rendering is the slow part (three chat-template renderings a pair): a second data module over the same
+    file and options reads the encoded rows back without rendering any; a new max_length renders again."""
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Question {i}?", "chosen": f"Good {i}.", "rejected": f"Bad {i}."} for i in range(40)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    first = module(str(path)).splits
+    rendered = []
+    monkeypatch.setattr(preference, "render", lambda *a: rendered.append(a) or preference_render(*a))
+    again = module(str(path)).splits
+    assert rendered == [] and all(again[s]["chosen_ids"] == first[s]["chosen_ids"] for s in again)
+    assert any("preference-" in f["filename"] for f in again["train"].cache_files)
+    shorter = module(str(path), max_length=64).splits
+    assert rendered and shorter["train"]["chosen_ids"] == first["train"]["chosen_ids"]

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
+from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
 from toolkit.data.conversations import IGNORE, SHAREGPT_ROLES, parse_messages
@@ -102,7 +104,12 @@ class PreferenceData(TokenizedData):
         encode = partial(
             encode_preference, tokenizer=self.tokenizer, max_length=self.max_length, paired=self.paired
         )
-        encoded = examples.map(encode, remove_columns=examples.column_names, desc="chat template")
+        encoded = examples.map(
+            encode,
+            remove_columns=examples.column_names,
+            desc="chat template",
+            **self.cache_options(dataset, encode),
+        )
         equal = sum(encoded["_equal"]) if self.paired else 0
         if equal and equal == len(encoded):
             raise ToolkitError(
@@ -121,6 +128,19 @@ class PreferenceData(TokenizedData):
             )
         kept = encoded.filter(lambda r: r["_fits"] and not r["_equal"]).remove_columns(["_fits", "_equal"])
         return kept if self.paired else with_kl_completions(kept)
+
+    def cache_options(self, source: Dataset, encode: partial) -> dict[str, str]:
+        """The rows are read into an in-memory table, which datasets never caches, and rendering them is the
+        slow part (~13 ms a template rendering, three per pair): the encoded table is cached beside the
+        source's files, keyed by the source's fingerprint, how it is read, and the encoding (the tokenizer
+        and its options, as datasets hashes a map function)."""
+        if not source.cache_files:
+            return {}
+        reading = [self.format, self.columns, self.messages_column, self.roles, self.system_prompt,
+                   self.prompt_template, self.answers, self.ignore_labels]  # fmt: skip
+        key = Hasher.hash([source._fingerprint, reading, encode])
+        directory = Path(source.cache_files[0]["filename"]).parent
+        return {"cache_file_name": str(directory / f"preference-{key}.arrow"), "new_fingerprint": key}
 
     def read(self, dataset: Dataset) -> Dataset:
         """The rows as `prompt` (messages), `chosen`/`rejected` (answer strings) or `completion` + `label`."""
