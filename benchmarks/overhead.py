@@ -88,6 +88,16 @@ class _TrainerClock(TrainerCallback):
 
 def hf_model(cfg: DictConfig, task: Any, pad_token_id: int) -> torch.nn.Module:
     """The model as a user writes it: transformers Auto class (+ PEFT LoRA with the recipe's numbers)."""
+    model = hf_base_model(cfg, task)
+    model.config.pad_token_id = model.config.pad_token_id or pad_token_id
+    lora = adapter_settings(cfg.adapter)
+    if lora:
+        model = get_peft_model(model, LoraConfig(task_type=task.peft_task_type, **lora))
+    return model
+
+
+def hf_base_model(cfg: DictConfig, task: Any) -> torch.nn.Module:
+    """The recipe's model from its source (pretrained weights, or a config), through the Auto class."""
     kwargs = task.model_kwargs()
     if cfg.model.config is not None:
         values = OmegaConf.to_container(cfg.model.config, resolve=True)
@@ -96,10 +106,6 @@ def hf_model(cfg: DictConfig, task: Any, pad_token_id: int) -> torch.nn.Module:
         )
     else:
         model = task.auto_class.from_pretrained(cfg.model.name_or_path, dtype=torch.float32, **kwargs)
-    model.config.pad_token_id = model.config.pad_token_id or pad_token_id
-    lora = adapter_settings(cfg.adapter)
-    if lora:
-        model = get_peft_model(model, LoraConfig(task_type=task.peft_task_type, **lora))
     return model
 
 

@@ -28,10 +28,9 @@ import torch
 from datasets import Dataset
 from hydra.utils import instantiate
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM
 
 from benchmarks.harness import TINY_LLAMA, Result, train_with_resources
-from benchmarks.overhead import Clock, _TrainerClock, job_config, run_toolkit
+from benchmarks.overhead import Clock, _TrainerClock, hf_base_model, job_config, run_toolkit
 from toolkit.data.sources import load_splits
 from toolkit.models.adapters import adapter_settings
 from toolkit.training.callbacks import batch_tokens
@@ -93,11 +92,7 @@ def run_trl(cfg: Any, pairs: Dataset, steps: int, workdir: Path) -> Clock:
         save_strategy="no",
         seed=cfg.seed,
     )
-    model = (
-        AutoModelForCausalLM.from_config(_hf_config(cfg))
-        if cfg.model.config is not None
-        else AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=torch.float32)
-    )
+    model = hf_base_model(cfg, instantiate(cfg.task))
     tokenizer = instantiate(cfg.data).tokenizer
     lora = LoraConfig(task_type="CAUSAL_LM", **adapter_settings(cfg.adapter))
     clock = _TrainerClock()
@@ -114,14 +109,6 @@ def run_trl(cfg: Any, pairs: Dataset, steps: int, workdir: Path) -> Clock:
     trainer.data_collator = counted
     trainer.train()
     return Clock(clock.ends, tokens)
-
-
-def _hf_config(cfg: Any) -> Any:
-    from omegaconf import OmegaConf
-    from transformers import AutoConfig
-
-    values = OmegaConf.to_container(cfg.model.config, resolve=True)
-    return AutoConfig.for_model(values.pop("model_type"), **values)
 
 
 def speed(tiny: bool, steps: int, warmup: int, reps: int) -> dict[str, dict[str, float]]:
