@@ -179,8 +179,8 @@ def main(tiny: bool = False) -> Result:
     )
     notes = (
         f"{reps} repetitions, order rotated, {steps} steps each, the first {warmup} untimed; "
-        f"{torch.get_num_threads()} torch threads. Tensors held: counted just before an optimizer step "
-        "from the module (a full fine-tune's frozen reference copy lives outside it: it shows in peak RSS)."
+        f"{torch.get_num_threads()} torch threads. Tensors held: every live tensor just before an "
+        "optimizer step (the frozen copy included: full_frozen_copy - full_precomputed is its size)."
     )
     title = "Preference tuning: DPO vs TRL DPOTrainer, and the reference model's memory"
     return Result(title, command, table, figures, notes)

@@ -19,12 +19,14 @@ is counted and dropped, and data where every pair is so is refused.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
@@ -132,13 +134,15 @@ class PreferenceData(TokenizedData):
     def cache_options(self, source: Dataset, encode: partial) -> dict[str, str]:
         """The rows are read into an in-memory table, which datasets never caches, and rendering them is the
         slow part (~13 ms a template rendering, three per pair): the encoded table is cached beside the
-        source's files, keyed by the source's fingerprint, how it is read, and the encoding (the tokenizer
-        and its options, as datasets hashes a map function)."""
+        source's files, keyed by the source's fingerprint, how it is read, and the encoding (its code, the
+        tokenizer with its chat template, the options)."""
         if not source.cache_files:
             return {}
         reading = [self.format, self.columns, self.messages_column, self.roles, self.system_prompt,
                    self.prompt_template, self.answers, self.ignore_labels]  # fmt: skip
-        key = Hasher.hash([source._fingerprint, reading, encode])
+        # datasets hashes module functions by name, not code: the encoding's source and the template
+        # renderer's version join the key, so a changed encoding never reads stale rows
+        key = Hasher.hash([source._fingerprint, reading, encode, ENCODING_SOURCE, transformers.__version__])
         directory = Path(source.cache_files[0]["filename"]).parent
         return {"cache_file_name": str(directory / f"preference-{key}.arrow"), "new_fingerprint": key}
 
@@ -331,6 +335,9 @@ def encode_preference(row: dict, tokenizer: PreTrainedTokenizerBase, max_length:
                 "_fits": fits, "_equal": equal}  # fmt: skip
     return {"prompt_ids": prompt, "completion_ids": completions[0], "desirable": row["label"],
             "_fits": fits, "_equal": False}  # fmt: skip
+
+
+ENCODING_SOURCE = "".join(inspect.getsource(f) for f in (render, common_prefix, encode_preference))
 
 
 def with_kl_completions(dataset: Dataset) -> Dataset:

@@ -251,9 +251,10 @@ class Preference:
         pairs (examples) of the batch; without a reference model (a full fine-tune evaluated alone), the
         reference-free one."""
         logps, lengths = outputs.logps, outputs.lengths
-        reference = self.reference_logps(model, batch) if self.uses_reference else None
         if self.reference is model and "ref_logps" not in batch:
             reference = logps  # the base model scored against itself: exactly zero rewards, no rounding
+        else:
+            reference = self.reference_logps(model, batch) if self.uses_reference else None
         if self.uses_reference and reference is None:
             if self.loss == "kto":
                 return

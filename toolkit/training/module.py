@@ -81,7 +81,8 @@ class TaskModule(L.LightningModule):
         if self.keeps_frozen_reference and zero3:
             # zero.Init partitions the weights as they are built, and partitions cannot be deep-copied: the
             # reference is built again, from the random state the policy then starts from (same weights)
-            with torch.random.fork_rng():
+            device = strategy.root_device
+            with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
                 self.task.reference = frozen_copy(build(), copy=False)
         base = build()
         if getattr(self.task, "uses_reference", False):
@@ -110,8 +111,13 @@ class TaskModule(L.LightningModule):
     def on_fit_start(self) -> None:
         reference = getattr(self.task, "reference", None)
         if reference is not None:  # not a submodule (it must stay out of checkpoints): placed here
+            # in the policy's dtype as the strategy left it (bf16-true, DeepSpeed's bf16): both compute alike
+            dtype = next(self.model.parameters()).dtype
             place = getattr(self.trainer.strategy, "place_frozen", None)
-            self.task.reference = place(reference, self._block_names) if place else reference.to(self.device)
+            if place is not None:
+                self.task.reference = place(reference, self._block_names, dtype)
+            else:
+                self.task.reference = reference.to(self.device, dtype=dtype)
             held, total = held_parameters(self.task.reference)
             if self.trainer.is_global_zero:
                 console.print(

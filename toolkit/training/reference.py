@@ -38,8 +38,9 @@ def held_parameters(model: torch.nn.Module) -> tuple[int, int]:
     FSDP2 shard (a DTensor's local part), or everything."""
     held = total = 0
     for param in model.parameters():
-        if hasattr(param, "ds_tensor"):
-            held, total = held + param.ds_tensor.numel(), total + param.ds_numel
+        if hasattr(param, "ds_tensor"):  # small "persistent" parameters stay whole on every rank
+            mine = param.ds_numel if getattr(param, "ds_persist", False) else param.ds_tensor.numel()
+            held, total = held + mine, total + param.ds_numel
         else:
             local = param.to_local() if hasattr(param, "to_local") else param
             held, total = held + local.numel(), total + param.numel()

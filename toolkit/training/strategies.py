@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import shutil
 from collections.abc import Generator
@@ -68,16 +69,17 @@ class DeepSpeedStrategy(LightningDeepSpeedStrategy):
         index = self.root_device.index if self.root_device.type == "cuda" else self.local_rank
         return argparse.Namespace(device_rank=index)
 
-    def place_frozen(self, module: nn.Module, block_names: list[str]) -> nn.Module:
+    def place_frozen(self, module: nn.Module, block_names: list[str], dtype: torch.dtype) -> nn.Module:
         """A frozen model beside the policy (preference tuning's reference). Under ZeRO-3 (`module` built
         inside zero.Init, so already partitioned) it gets an engine without optimizer, as TRL gives its
-        reference: each forward gathers the layers' shards from every rank. ZeRO-1/2 shard only optimizer
-        states and gradients, which a frozen model has none of: it is a plain copy on the device."""
+        reference: each forward gathers the layers' shards from every rank (it was built in the engine's
+        dtype). ZeRO-1/2 shard only optimizer states and gradients, which a frozen model has none of: it is
+        a plain copy on the device, in the policy's `dtype`."""
         if not self.zero_stage_3:
-            return module.to(self.root_device)
+            return module.to(self.root_device, dtype=dtype)
         import deepspeed
 
-        config = {k: v for k, v in self.config.items() if k not in ("optimizer", "scheduler")}
+        config = {k: copy.deepcopy(v) for k, v in self.config.items() if k not in ("optimizer", "scheduler")}
         engine, *_ = deepspeed.initialize(
             args=self._device_rank_args(), config=config, model=module, dist_init_required=False
         )
@@ -130,17 +132,21 @@ def cast_unpartitioned_to_zero3_dtype(model: nn.Module, config: dict) -> None:
     adds its adapter afterwards, upcast to fp32 on purpose. DeepSpeed casts a model itself only when none of
     it is partitioned yet, and its ZeRO-3 optimizer takes one dtype per parameter group (it keeps its own
     fp32 master weights), so the parameters built outside zero.Init follow the partitioned ones."""
-    if config.get("zero_optimization", {}).get("stage") != 3:
-        return
-    if config.get("bf16", {}).get("enabled"):
-        dtype = torch.bfloat16
-    elif config.get("fp16", {}).get("enabled"):
-        dtype = torch.float16
-    else:
+    dtype = zero_dtype(config)
+    if config.get("zero_optimization", {}).get("stage") != 3 or dtype is None:
         return
     for param in model.parameters():
         if not hasattr(param, "ds_id"):  # ds_id: partitioned by zero.Init
             param.data = param.data.to(dtype)
+
+
+def zero_dtype(config: dict) -> torch.dtype | None:
+    """The half dtype DeepSpeed casts the model to (its bf16/fp16 sections), or None for fp32."""
+    if config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return None
 
 
 def zero_world_size(checkpoint: Path) -> int | None:
@@ -198,19 +204,20 @@ class FSDP2Strategy(ModelParallelStrategy):
             self, lambda path: parent.save_checkpoint(checkpoint, path, storage_options), filepath
         )
 
-    def place_frozen(self, module: nn.Module, block_names: list[str]) -> nn.Module:
+    def place_frozen(self, module: nn.Module, block_names: list[str], dtype: torch.dtype) -> nn.Module:
         """A frozen model beside the policy (preference tuning's reference), sharded like it: each forward
-        gathers a block's shards from every rank and frees them after."""
-        self.shard(module, block_names)
+        gathers a block's shards from every rank and frees them after, whatever `reshard_after_forward`
+        says: that option keeps gathered blocks until backward, and a frozen model has no backward."""
+        self.shard(module.to(dtype), block_names, reshard_after_forward=True)
         return module
 
-    def shard(self, model: nn.Module, block_names: list[str]) -> None:
+    def shard(
+        self, model: nn.Module, block_names: list[str], reshard_after_forward: bool | None = None
+    ) -> None:
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-        kwargs: dict[str, Any] = {
-            "mesh": self.device_mesh["data_parallel"],
-            "reshard_after_forward": self.reshard_after_forward,
-        }
+        reshard = self.reshard_after_forward if reshard_after_forward is None else reshard_after_forward
+        kwargs: dict[str, Any] = {"mesh": self.device_mesh["data_parallel"], "reshard_after_forward": reshard}
         if self.cpu_offload:
             # pinned host memory speeds copies to an accelerator; on CPU ranks there is nothing to pin for
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.root_device.type != "cpu")
