@@ -217,3 +217,24 @@ def test_lora_reference_is_the_base_model_with_no_copy():
     torch.testing.assert_close(reference, completion_logps(untouched, batch)[0], atol=1e-5, rtol=1e-5)
     assert (completion_logps(model, batch)[0] - reference).abs().max() > 1e-3
     assert task.reference is None  # no second model was made
+
+
+def test_held_out_scoring_at_answer_positions_equals_the_full_logits_forward():
+    """eval_forward runs the LM head at answer positions only: the same per-row log-probabilities as the full
+    logits, and a `loss` equal to the HF model's own loss on the same labels."""
+    model = tiny_llama(0).eval()
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(4, VOCAB, (4, 12), generator=g)
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # a prompt
+    labels[1, 9:] = -100  # answers of different lengths
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    with torch.no_grad():
+        scores = Preference(tokenizer="unused").eval_forward(model, batch)
+        full = model(**batch)
+    logits = full.logits[:, :-1].float()
+    next_labels = labels[:, 1:]
+    token_logps = logits.log_softmax(-1).gather(2, next_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(scores.logps, (token_logps * (next_labels != -100)).sum(-1), atol=1e-5, rtol=0)
+    assert scores.lengths.tolist() == (next_labels != -100).sum(-1).tolist()
+    torch.testing.assert_close(scores.loss, full.loss, atol=1e-6, rtol=0)

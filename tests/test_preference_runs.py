@@ -105,7 +105,7 @@ KILLABLE = [
     "data.max_eval_examples=8",
     "data.max_length=256",
     "data.batch_size=4",
-    "trainer.max_steps=12",
+    "trainer.max_steps=24",
     "trainer.max_epochs=10",
     "trainer.limit_val_batches=0",
     "checkpoint.every_n_train_steps=1",
@@ -128,7 +128,7 @@ def test_a_full_fine_tune_killed_mid_epoch_resumes_to_the_weights_of_an_uninterr
     assert losses[0] == pytest.approx(LN2, abs=1e-6) and losses[-1] != losses[0]
     killed = tmp_path / "killed"
     stopped_at = kill_after_a_checkpoint(killed, tiny_llama_dir, *common)
-    assert stopped_at < 12, "the run finished before it could be killed"
+    assert stopped_at < 24, "the run finished before it could be killed"
     train(killed, tiny_llama_dir, *common, f"from_run={killed}", "resume=last")
     expected = read_state_dict(tmp_path / "straight" / "checkpoints" / "last.ckpt")
     resumed = read_state_dict(killed / "checkpoints" / "last.ckpt")
@@ -140,7 +140,7 @@ def test_a_full_fine_tune_killed_mid_epoch_resumes_to_the_weights_of_an_uninterr
         assert len(cache["values"]["train"]["ref_chosen_logps"]) == 16
         (killed / REFERENCE_CACHE).unlink()
         rerun = [*COMMON, f"model.name_or_path={tiny_llama_dir}", *common, f"from_run={killed}",
-                 "resume=last", "trainer.max_steps=14"]  # fmt: skip
+                 "resume=last", "trainer.max_steps=26"]  # fmt: skip
         result = toolkit_train(rerun, tmp_path)
         assert result.returncode == 2, result.stderr[-2000:]
         assert re.search(r"error: resuming a full fine-tune .* needs .*reference_logps.json", result.stderr)
@@ -179,7 +179,9 @@ def single_dpo_losses(tmp_path_factory, tiny_llama_dir):
 @pytest.mark.parametrize(
     "strategy,form",
     [("ddp", "lora"), ("deepspeed_zero3", "frozen_copy"), ("fsdp2", "frozen_copy"),
-     ("deepspeed_zero3", "precomputed")],
+     ("deepspeed_zero3", "precomputed"),
+     pytest.param("fsdp2", "lora", marks=pytest.mark.slow),
+     pytest.param("fsdp2", "precomputed", marks=pytest.mark.slow)],
 )  # fmt: skip
 def test_dpo_on_two_ranks_matches_one_process(strategy, form, tmp_path, tiny_llama_dir, single_dpo_losses):
     """Each form of the reference gives one process's losses on 2 ranks: LoRA's adapter-disabled base; a
@@ -193,11 +195,11 @@ def test_dpo_on_two_ranks_matches_one_process(strategy, form, tmp_path, tiny_lla
     assert expected[0] == pytest.approx(LN2, abs=1e-6)
     torch.testing.assert_close(losses, expected, rtol=0, atol=1e-5)
     assert (run_dir / REFERENCE_CACHE).exists() == (form == "precomputed")
-    if form == "frozen_copy":  # each rank holds half of the copy (ZeRO-3 pads its partitions a little)
-        held, total = re.search(
-            r"this rank holds ([\d,]+) of ([\d,]+)", (run_dir / "train.log").read_text()
-        ).groups()
-        assert int(held.replace(",", "")) == pytest.approx(int(total.replace(",", "")) / 2, rel=0.01)
+    if form == "frozen_copy":  # each rank holds about half of the copy (ZeRO-3 keeps tiny tensors whole)
+        line = re.search(r"this rank holds ([\d,]+) of ([\d,]+)", (run_dir / "train.log").read_text())
+        assert line, "train.log has no 'reference model' line"
+        held, total = (int(n.replace(",", "")) for n in line.groups())
+        assert 0.45 < held / total < 0.55
 
 
 @pytest.mark.slow  # ~40 min on 2 CPU cores: 60 real LoRA DPO steps of a 135M model on pairs of ~1,000 tokens
