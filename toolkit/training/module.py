@@ -22,7 +22,13 @@ from toolkit.errors import ToolkitError
 from toolkit.models.adapters import apply_adapter, is_adapter, trainable_summary
 from toolkit.models.build import build_model
 from toolkit.tasks.base import Task, compute_metrics, eval_forward, model_inputs
-from toolkit.training.reference import attach_reference_logps, disable_dropout, frozen_copy, held_parameters
+from toolkit.training.reference import (
+    attach_reference_logps,
+    disable_dropout,
+    freeze,
+    frozen_copy,
+    held_parameters,
+)
 
 
 def build_optimizer(
@@ -83,7 +89,7 @@ class TaskModule(L.LightningModule):
             # reference is built again, from the random state the policy then starts from (same weights)
             device = strategy.root_device
             with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
-                self.task.reference = frozen_copy(build(), copy=False)
+                self.task.reference = freeze(build())
         base = build()
         if getattr(self.task, "uses_reference", False):
             disable_dropout(base)  # the reference never trains: the two must agree before any step

@@ -25,12 +25,16 @@ REFERENCE_CACHE = "reference_logps.json"
 PRECOMPUTED_SPLITS = ("train", "validation")
 
 
-def frozen_copy(model: torch.nn.Module, copy: bool = True) -> torch.nn.Module:
-    """The initial model, in eval mode with no gradients: the reference of a full fine-tune (`copy=False`:
-    `model` itself, built for the purpose)."""
-    reference = (deepcopy(model) if copy else model).eval()
-    reference.requires_grad_(False)
-    return reference
+def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The initial model, in eval mode with no gradients: the reference of a full fine-tune."""
+    return freeze(deepcopy(model))
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` in eval mode with no gradients (a reference built for the purpose: nothing to copy)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
 def held_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -132,21 +132,17 @@ def cast_unpartitioned_to_zero3_dtype(model: nn.Module, config: dict) -> None:
     adds its adapter afterwards, upcast to fp32 on purpose. DeepSpeed casts a model itself only when none of
     it is partitioned yet, and its ZeRO-3 optimizer takes one dtype per parameter group (it keeps its own
     fp32 master weights), so the parameters built outside zero.Init follow the partitioned ones."""
-    dtype = zero_dtype(config)
-    if config.get("zero_optimization", {}).get("stage") != 3 or dtype is None:
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        return
+    if config.get("bf16", {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif config.get("fp16", {}).get("enabled"):
+        dtype = torch.float16
+    else:
         return
     for param in model.parameters():
         if not hasattr(param, "ds_id"):  # ds_id: partitioned by zero.Init
             param.data = param.data.to(dtype)
-
-
-def zero_dtype(config: dict) -> torch.dtype | None:
-    """The half dtype DeepSpeed casts the model to (its bf16/fp16 sections), or None for fp32."""
-    if config.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if config.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return None
 
 
 def zero_world_size(checkpoint: Path) -> int | None:
