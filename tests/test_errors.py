@@ -294,7 +294,8 @@ CATALOGUE = {
     "KTO data with one label": Case(
         "preference",
         ["recipe=nlp/smollm2_kto", "data.path={tmp}/good.jsonl", "logger=none"],
-        "KTO data '{tmp}/good.jsonl' has only desirable examples (data.label_column='label'); it needs both "
+        "KTO data '{tmp}/good.jsonl' has only desirable training examples (data.label_column='label'); it "
+        "needs both "
         "true (desirable) and false (undesirable) labels",
         files={"good.jsonl": ONLY_GOOD},
     ),

@@ -114,6 +114,13 @@ def recipe_search_dir(recipe: Path) -> Path:
     return root
 
 
+def compose_serve_config(overrides: list[str]) -> DictConfig:
+    """The config of `toolkit-serve` / `toolkit-chat` (conf/serve.yaml with the overrides)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        return compose("serve", overrides=overrides)
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config `toolkit-train <overrides>` would run with, for the other commands (submit, estimate)."""
     register_resolvers()

@@ -5,7 +5,7 @@ read them from here). It imports nothing else from the toolkit, so every layer m
 
     runs/<recipe>/<timestamp>/
       .hydra/  checkpoints/  export/{adapter,model}/  prune/  distill/  quantize/  evaluate/metrics.json
-      data_split.json  train.log  report.md
+      data_split.json  train.log  report.md  serve/completions.jsonl  feedback/feedback.jsonl
 """
 
 from __future__ import annotations
@@ -57,6 +57,8 @@ VARIANT_DIRS = {
 
 
 SPLIT_RECORD = "data_split.json"
+COMPLETIONS = "serve/completions.jsonl"  # every answer the server gave, with the messages it answered
+FEEDBACK = "feedback/feedback.jsonl"  # ratings and comparisons of those answers (data=feedback reads it)
 
 
 def saved_variants(run_dir: Path) -> dict[str, Path]:

@@ -9,7 +9,10 @@ desirable or not (KTO), rendered with the tokenizer's chat template exactly as c
 - `unpaired` (KTO's): `messages` whose last turn is the answer, and a boolean `label` (true: desirable); or
   TRL's `prompt`, `completion`, `label`;
 - `label_pairs`: a labelled classification set asked as the SFT prompt (`prompt_template`), chosen = the true
-  label's answer (`answers`), rejected = each other answer: a real preference set as large as the data.
+  label's answer (`answers`), rejected = each other answer: a real preference set as large as the data;
+- `feedback_pairs` / `feedback_ratings` (`data=feedback`): what users said about a served model's answers
+  (`<run>/feedback/feedback.jsonl`, written by toolkit-serve): its comparisons as DPO pairs, its ratings as
+  KTO examples (1: desirable, -1: undesirable).
 
 A pair becomes prompt tokens and the tokens of each answer, split where the two renderings stop agreeing
 (the template's assistant header belongs to the prompt). Truncation keeps both answers whole and drops the
@@ -27,27 +30,35 @@ from typing import Any
 
 import torch
 import transformers
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from datasets.fingerprint import Hasher
 from transformers import PreTrainedTokenizerBase
 
 from toolkit.data.conversations import IGNORE, SHAREGPT_ROLES, parse_messages
-from toolkit.data.sources import SPLITS, check_columns, encode_labels, fingerprint
+from toolkit.data.sources import SPLITS, check_columns, encode_labels, fingerprint, load_splits
 from toolkit.data.text import TokenizedData
 from toolkit.errors import ToolkitError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("pairs", "sharegpt_pairs", "unpaired", "label_pairs")
+FORMATS = ("pairs", "sharegpt_pairs", "unpaired", "label_pairs", "feedback_pairs", "feedback_ratings")
+FEEDBACK_KINDS = {"feedback_pairs": "comparison", "feedback_ratings": "rating"}
 CONSTRUCTIONS = {  # how each format's preferences were made, for the run report
     "pairs": "pairs as given: prompt, chosen and rejected answers",
     "sharegpt_pairs": "pairs as given: a ShareGPT conversation, chosen and rejected answers",
     "unpaired": "single answers rated desirable or undesirable (KTO)",
     "label_pairs": "pairs built from labels: the prompt template filled from each row, chosen = the answer "
     "of its true label, rejected = each other answer",
+    "feedback_pairs": "users' comparisons of two served answers to the same messages (toolkit-serve feedback)",
+    "feedback_ratings": "users' ratings of served answers, 1 desirable and -1 undesirable (toolkit-serve "
+    "feedback)",
 }
 PAIRED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
 UNPAIRED_COLUMNS = ("prompt_ids", "completion_ids", "desirable", "kl_completion_ids")
+
+
+def is_kind(row: dict, kind: str) -> bool:
+    return row.get("kind") == kind
 
 
 class PreferenceData(TokenizedData):
@@ -99,7 +110,7 @@ class PreferenceData(TokenizedData):
 
     @property
     def paired(self) -> bool:
-        return self.format != "unpaired"
+        return self.format not in ("unpaired", "feedback_ratings")
 
     def prepare(self, dataset: Dataset) -> Dataset:
         examples = self.read(dataset)
@@ -153,6 +164,8 @@ class PreferenceData(TokenizedData):
             "sharegpt_pairs": self.read_sharegpt_pairs,
             "unpaired": self.read_unpaired,
             "label_pairs": self.read_label_pairs,
+            "feedback_pairs": self.read_feedback,
+            "feedback_ratings": self.read_feedback,
         }[self.format]
         rows = reader(dataset)
         if not rows:
@@ -213,13 +226,33 @@ class PreferenceData(TokenizedData):
             rows.append(
                 {"prompt": prompt, "completion": completion, "label": desirable(row, c["label_column"])}
             )
-        if len({r["label"] for r in rows}) < 2:
-            only = "desirable" if rows[0]["label"] else "undesirable"
-            raise ToolkitError(
-                f"KTO data '{self.path}' has only {only} examples (data.label_column="
-                f"'{c['label_column']}'); it needs both true (desirable) and false (undesirable) labels"
-            )
         return rows
+
+    def prepare_split(self, split: str, dataset: Dataset) -> Dataset:
+        """KTO's training split needs both kinds of example (a few held-out ones may all be of one)."""
+        prepared = super().prepare_split(split, dataset)
+        if split == "train" and not self.paired and len(set(prepared["desirable"])) < 2:
+            only = "desirable" if prepared[0]["desirable"] else "undesirable"
+            raise ToolkitError(
+                f"KTO data '{self.path}' has only {only} training examples (data.label_column="
+                f"'{self.columns['label_column']}'); it needs both true (desirable) and false (undesirable) labels"
+            )
+        return prepared
+
+    def load(self) -> DatasetDict:
+        """Feedback: the lines of this format's kind (comparisons or ratings), split among themselves."""
+        if self.format not in FEEDBACK_KINDS:
+            return super().load()
+        kind = FEEDBACK_KINDS[self.format]
+        other = next(f for f in FEEDBACK_KINDS if f != self.format)
+        what = f"{kind} feedback (toolkit-serve's feedback.jsonl; data.format={other} reads the other kind)"
+        return load_splits(self.path, self.name, self.val_size, self.test_size, self.seed,
+                           keep=(partial(is_kind, kind=kind), what))  # fmt: skip
+
+    def read_feedback(self, dataset: Dataset) -> list[dict]:
+        """Feedback lines carry the `pairs` (prompt, chosen, rejected) or KTO (prompt, completion, label)
+        columns."""
+        return self.read_pairs(dataset) if self.paired else self.read_unpaired(dataset)
 
     def read_label_pairs(self, dataset: Dataset) -> list[dict]:
         label_column = self.columns["label_column"]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from collections.abc import Callable
+from typing import Any
+
 from datasets import Dataset, DatasetDict, load_dataset
 
 from toolkit.errors import ToolkitError
@@ -25,9 +28,23 @@ COMPRESSION = (".bz2", ".gz", ".xz", ".zst")
 SPLITS = ("train", "validation", "test")
 
 
-def load_splits(path: str, name: str | None, val_size: float, test_size: float, seed: int) -> DatasetDict:
-    """Load `path` (hub id, directory or file) and return train/validation/test splits."""
+def load_splits(
+    path: str,
+    name: str | None,
+    val_size: float,
+    test_size: float,
+    seed: int,
+    keep: tuple[Callable[[dict], bool], str] | None = None,
+) -> DatasetDict:
+    """Load `path` (hub id, directory or file) and return train/validation/test splits; with `keep`
+    (a row test and what it keeps, e.g. "comparison feedback"), of those rows alone, chosen before the split
+    so that each split holds its share of them."""
     raw = DatasetDict({split: numbered(rows) for split, rows in load_raw(path, name).items()})
+    if keep is not None:
+        test, what = keep
+        raw = DatasetDict({split: rows.filter(test) for split, rows in raw.items()})
+        if not any(len(rows) for rows in raw.values()):
+            raise ToolkitError(f"data.path='{path}' holds no {what}")
     if all(s in raw for s in SPLITS):
         return DatasetDict({s: raw[s] for s in SPLITS})
     base = raw["train"] if "train" in raw else raw[next(iter(raw))]

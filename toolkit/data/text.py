@@ -82,8 +82,12 @@ class TokenizedData(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
-            splits = load_splits(self.path, self.name, self.val_size, self.test_size, self.seed)
+            splits = self.load()
             self.splits = DatasetDict({s: self.prepare_split(s, splits[s]) for s in SPLITS})
+
+    def load(self) -> DatasetDict:
+        """The raw train/validation/test splits of data.path."""
+        return load_splits(self.path, self.name, self.val_size, self.test_size, self.seed)
 
     def prepare_split(self, split: str, dataset: Dataset) -> Dataset:
         """The split encoded, then cut to its example limit."""

@@ -1,0 +1,198 @@
+"""toolkit-serve as users meet it: a real server process on 127.0.0.1, the official `openai` client and curl.
+
+The real SmolLM2-135M-Instruct serves the OpenAI-format checks (real answers to compare with the model's own
+`generate`); the tiny SFT run serves the feedback checks and the feedback -> training loop.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.helpers import copy_run
+from tests.serving import Server
+from toolkit.data.assets import asset_path
+from toolkit.layout import COMPLETIONS, FEEDBACK
+from toolkit.run.manifest import write_manifest
+from toolkit.serve.generation import render_prompt
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Name a primary colour.",
+    "Say hello in Spanish.",
+    "What is 2 + 2?",
+    "Give me a word that rhymes with cat.",
+    "What do bees make?",
+    "Which planet is closest to the sun?",
+    "What is frozen water called?",
+]
+
+
+def user(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.fixture(scope="module")
+def smollm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory whose exported model is SmolLM2-135M-Instruct itself (the serving side only reads
+    export/model and its manifest)."""
+    run_dir = tmp_path_factory.mktemp("smollm_run")
+    shutil.copytree(asset_path("smollm2_135m_instruct"), run_dir / "export" / "model")
+    write_manifest(run_dir / "export")
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm_run: Path) -> tuple:
+    model_dir = smollm_run / "export" / "model"
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def server(smollm_run: Path):
+    with Server(smollm_run, "serve.max_batch_size=8", "serve.batch_timeout=0.05") as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+@torch.no_grad()
+def offline_greedy(smollm: tuple, messages: list[dict], max_new_tokens: int) -> str:
+    model, tokenizer = smollm
+    ids = torch.tensor([render_prompt(tokenizer, messages)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens)  # fmt: skip
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_chat_completion_equals_generate(client: openai.OpenAI, smollm: tuple) -> None:
+    reply = client.chat.completions.create(
+        model="fine_tuned", messages=user(QUESTIONS[0]), max_tokens=24, temperature=0
+    )
+    choice = reply.choices[0]
+    assert reply.id.startswith("chatcmpl-") and reply.model == "fine_tuned"
+    assert choice.message.content == offline_greedy(smollm, user(QUESTIONS[0]), 24)
+    assert choice.finish_reason in ("stop", "length")
+    tokenizer = smollm[1]
+    assert reply.usage.prompt_tokens == len(render_prompt(tokenizer, user(QUESTIONS[0])))
+    assert 0 < reply.usage.completion_tokens <= 24
+
+
+def test_streaming_sends_tokens_before_the_end(client: openai.OpenAI, smollm: tuple) -> None:
+    arrivals, parts, ids = [], [], set()
+    stream = client.chat.completions.create(
+        model="fine_tuned", messages=user(QUESTIONS[6]), max_tokens=32, temperature=0, stream=True
+    )
+    finish = None
+    for chunk in stream:
+        ids.add(chunk.id)
+        delta = chunk.choices[0].delta.content
+        if delta:
+            parts.append(delta)
+            arrivals.append(time.monotonic())
+        finish = chunk.choices[0].finish_reason or finish
+    end = time.monotonic()
+    assert len(ids) == 1 and finish in ("stop", "length")
+    assert len(parts) >= 5, parts
+    assert end - arrivals[0] > 0.05  # the first text came well before the answer was complete
+    assert "".join(parts) == offline_greedy(smollm, user(QUESTIONS[6]), 32)
+
+
+def test_models_and_health_with_curl(server: Server, client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list()] == ["fine_tuned"]
+    health = subprocess.run(["curl", "-s", "-w", " %{http_code}", f"{server.url}/health"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    assert health.stdout == "ok 200"
+
+
+def test_sixteen_clients_all_answered_as_generate_would(server: Server, smollm: tuple) -> None:
+    """128 requests from 16 concurrent clients: all answered, no error, each greedy answer equal to the
+    model's own generate for the same messages (the batches mix prompts of different lengths)."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+    def ask(i: int) -> tuple[int, str]:
+        q = i % len(QUESTIONS)
+        reply = client.chat.completions.create(model="fine_tuned", messages=user(QUESTIONS[q]), max_tokens=12,
+                                               temperature=0)  # fmt: skip
+        return q, reply.choices[0].message.content
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, range(128)))
+    assert len(answers) == 128
+    expected = {q: offline_greedy(smollm, user(text), 12) for q, text in enumerate(QUESTIONS)}
+    wrong = [(q, got) for q, got in answers if got != expected[q]]
+    assert not wrong, (wrong[:3], expected)
+
+
+def test_seeded_sampling_repeats_whatever_it_is_batched_with(client: openai.OpenAI) -> None:
+    def sample(seed: int, question: str) -> str:
+        reply = client.chat.completions.create(model="fine_tuned", messages=user(question), max_tokens=16,
+                                               temperature=1.0, top_p=0.9, seed=seed)  # fmt: skip
+        return reply.choices[0].message.content
+
+    alone = sample(7, QUESTIONS[2])
+    with ThreadPoolExecutor(4) as pool:  # the same request again, batched with three others
+        together = list(pool.map(sample, [7, 1, 2, 3], [QUESTIONS[2], *QUESTIONS[3:6]]))
+    assert together[0] == alone
+    assert len({sample(seed, QUESTIONS[2]) for seed in (11, 12, 13)}) > 1  # sampling does sample
+
+
+def test_stop_string_ends_the_answer_before_it(client: openai.OpenAI, smollm: tuple) -> None:
+    full = offline_greedy(smollm, user(QUESTIONS[0]), 24)
+    word = full.split()[2]
+    reply = client.chat.completions.create(model="fine_tuned", messages=user(QUESTIONS[0]), max_tokens=24,
+                                           temperature=0, stop=[word])  # fmt: skip
+    assert reply.choices[0].message.content == full[: full.index(word)]
+    assert reply.choices[0].finish_reason == "stop"
+
+
+BAD_REQUESTS = {  # body changes -> (status, param)
+    "unknown model": ({"model": "gpt-4"}, 404, "model"),
+    "empty messages": ({"messages": []}, 400, "messages"),
+    "unknown role": ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    "max_tokens over the limit": ({"max_tokens": 100000}, 400, "max_tokens"),
+    "negative max_tokens": ({"max_tokens": -1}, 400, "max_tokens"),
+    "temperature out of range": ({"temperature": 5}, 400, "temperature"),
+    "content of the wrong type": ({"messages": [{"role": "user", "content": 3}]}, 400, "messages[0].content"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_a_4xx_naming_the_field(server: Server, case: str) -> None:
+    change, status, param = BAD_REQUESTS[case]
+    body = {"model": "fine_tuned", "messages": user("hi"), "max_tokens": 4, **change}
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["message"]
+    assert httpx.get(f"{server.url}/health").text == "ok"
+
+
+def test_malformed_json_and_unknown_feedback_id(server: Server) -> None:
+    response = httpx.post(f"{server.url}/v1/chat/completions", content=b'{"messages": [', timeout=30,
+                          headers={"content-type": "application/json"})  # fmt: skip
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    response = httpx.post(f"{server.url}/v1/feedback", json={"id": "chatcmpl-nope", "rating": 1})
+    assert response.status_code == 404
+    assert response.json()["error"] == {
+        "message": "id='chatcmpl-nope' is not a completion this run served",
+        "type": "not_found_error",
+        "param": "id",
+        "code": None,
+    }
+    assert httpx.get(f"{server.url}/health").text == "ok"
