@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.helpers import copy_run
+from tests.helpers import TOOLKIT_TRAIN, copy_run
 from tests.serving import Server
 from toolkit.data.assets import asset_path
 from toolkit.layout import COMPLETIONS, FEEDBACK
@@ -196,3 +196,120 @@ def test_malformed_json_and_unknown_feedback_id(server: Server) -> None:
         "code": None,
     }
     assert httpx.get(f"{server.url}/health").text == "ok"
+
+
+def test_api_key_size_and_concurrency_limits(smollm_run: Path) -> None:
+    key = {"TOOLKIT_SERVE_API_KEY": "s3cret-key"}
+    with Server(smollm_run, "serve.max_concurrent=1", "serve.max_request_bytes=4000", env=key) as server:
+        url = f"{server.url}/v1/chat/completions"
+        body = {"model": "fine_tuned", "messages": user("hi"), "max_tokens": 4}
+        refused = httpx.post(url, json=body)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(f"{server.url}/v1/models").status_code == 401
+        authed = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret-key", max_retries=0)
+        assert authed.chat.completions.create(**body).choices[0].message.content is not None
+        big = {**body, "messages": user("x" * 5000)}
+        too_big = httpx.post(url, json=big, headers=server.headers())
+        assert too_big.status_code == 413 and too_big.json()["error"]["param"] == "body"
+        streaming = authed.chat.completions.create(**{**body, "max_tokens": 200}, stream=True)
+        next(iter(streaming))  # in flight until its last event
+        busy = httpx.post(url, json=body, headers=server.headers())
+        assert busy.status_code == 429 and "serve.max_concurrent=1" in busy.json()["error"]["message"]
+        streaming.close()
+    assert "s3cret-key" not in server.log.read_text()
+
+
+@pytest.fixture
+def tiny_served(sft_run: tuple, tmp_path: Path) -> Path:
+    return copy_run(sft_run, tmp_path)
+
+
+def test_feedback_survives_a_killed_server(tiny_served: Path) -> None:
+    """Feedback posted while the server is killed and restarted: every acknowledged line is on disk, whole
+    and parseable; feedback after the restart may name an answer given before it."""
+    acknowledged, stop = [], threading.Event()
+    with Server(tiny_served) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        ids = [client.chat.completions.create(model="fine_tuned", messages=user(q), max_tokens=4).id
+               for q in QUESTIONS[:4]]  # fmt: skip
+
+        def post_forever() -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    r = httpx.post(f"{server.url}/v1/feedback", json={"id": ids[i % 4], "rating": 1}, timeout=5)
+                    if r.status_code == 200:
+                        acknowledged.append(ids[i % 4])
+                except httpx.TransportError:
+                    pass
+                i += 1
+
+        poster = threading.Thread(target=post_forever)
+        poster.start()
+        while len(acknowledged) < 20:
+            time.sleep(0.01)
+        server.stop(signal.SIGKILL)  # mid-stream of feedback
+        before_restart = len(acknowledged)
+        server.start()
+        while len(acknowledged) < before_restart + 10:
+            time.sleep(0.01)
+        stop.set()
+        poster.join()
+    raw = (tiny_served / FEEDBACK).read_bytes()
+    assert raw.endswith(b"\n")
+    lines = [json.loads(line) for line in raw.decode().splitlines()]
+    assert len(lines) >= len(acknowledged) > before_restart
+    assert all(line["kind"] == "rating" and line["completion"] is not None for line in lines)
+    assert (tiny_served / COMPLETIONS).is_file()
+
+
+@torch.no_grad()
+def answer_logp(model_dir: Path, messages: list[dict], answer: str) -> float:
+    """Summed log-probability of the answer's tokens after the prompt, as the chat template renders them."""
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    prompt = render_prompt(tokenizer, messages)
+    full = tokenizer(
+        tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False),
+        add_special_tokens=False,
+    )["input_ids"]
+    logits = model(torch.tensor([full])).logits[0, len(prompt) - 1 : -1]
+    targets = torch.tensor(full[len(prompt) :])
+    return torch.log_softmax(logits.float(), -1).gather(1, targets[:, None]).sum().item()
+
+
+def test_feedback_trains_the_next_model(tiny_served: Path, tmp_path: Path) -> None:
+    """train -> serve -> feedback -> train -> serve: users compare two sampled answers per question; DPO on
+    that feedback (`data=feedback`, the served model as the start) gives the preferred answers a higher
+    log-probability than the served model did."""
+    pairs = []
+    with Server(tiny_served) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        for question in QUESTIONS * 2:
+            a, b = (client.chat.completions.create(model="fine_tuned", messages=user(question), max_tokens=6,
+                                                   temperature=1.0, seed=seed) for seed in (1, 2))  # fmt: skip
+            if a.choices[0].message.content == b.choices[0].message.content:
+                continue
+            for body in ({"id": a.id, "preferred_over": b.id}, {"id": a.id, "rating": 1},
+                         {"id": b.id, "rating": -1}):  # fmt: skip
+                assert httpx.post(f"{server.url}/v1/feedback", json=body).status_code == 200
+            pairs.append((user(question), a.choices[0].message.content))
+    assert len(pairs) >= 10
+    first = tiny_served / "export" / "model"
+    result = subprocess.run(
+        [str(TOOLKIT_TRAIN), "recipe=nlp/smollm2_dpo", "data=feedback", f"data.path={tiny_served / 'feedback'}",
+         f"model.name_or_path={first}", "stages=[train,export]", "trainer.max_steps=12", "optim.lr=5e-3",
+         "scheduler.num_warmup_steps=0", "data.batch_size=4", "trainer.val_check_interval=2",
+         "trainer.limit_val_batches=1", "trainer.accelerator=cpu", "logger=none", "progress_bar=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (second_run,) = (tmp_path / "runs" / "nlp" / "smollm2_dpo").iterdir()
+    split = json.loads((second_run / "data_split.json").read_text())
+    assert str(tiny_served / "feedback") in json.dumps(split)  # the next run records where its data came from
+    second = second_run / "export" / "model"
+    before = sum(answer_logp(first, m, a) for m, a in pairs) / len(pairs)
+    after = sum(answer_logp(second, m, a) for m, a in pairs) / len(pairs)
+    assert after > before + 0.5, (before, after)
+    with Server(second_run) as server:  # ... and the next model serves in turn
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        assert client.chat.completions.create(model="fine_tuned", messages=user("hi"), max_tokens=4).id

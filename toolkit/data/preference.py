@@ -293,9 +293,12 @@ class PreferenceData(TokenizedData):
     def split_fingerprints(self) -> dict[str, Any]:
         self.setup()
         columns = list(PAIRED_COLUMNS if self.paired else UNPAIRED_COLUMNS[:3])
-        return {
+        record: dict[str, Any] = {
             s: {"rows": len(self.splits[s]), "sha256": fingerprint(self.splits[s], columns)} for s in SPLITS
         }
+        if self.format in FEEDBACK_KINDS:  # the served run whose users' feedback this run learns from
+            record["feedback"] = {"path": str(Path(self.path).resolve()), "format": self.format}
+        return record
 
     def collate(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pad_id = self.tokenizer.pad_token_id
