@@ -6,6 +6,8 @@ The real SmolLM2-135M-Instruct serves the OpenAI-format checks (real answers to 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import shutil
 import signal
@@ -16,9 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import TOOLKIT_TRAIN, copy_run
@@ -237,7 +241,9 @@ def test_feedback_survives_a_killed_server(tiny_served: Path) -> None:
             i = 0
             while not stop.is_set():
                 try:
-                    r = httpx.post(f"{server.url}/v1/feedback", json={"id": ids[i % 4], "rating": 1}, timeout=5)
+                    r = httpx.post(
+                        f"{server.url}/v1/feedback", json={"id": ids[i % 4], "rating": 1}, timeout=5
+                    )
                     if r.status_code == 200:
                         acknowledged.append(ids[i % 4])
                 except httpx.TransportError:
@@ -266,7 +272,10 @@ def test_feedback_survives_a_killed_server(tiny_served: Path) -> None:
 @torch.no_grad()
 def answer_logp(model_dir: Path, messages: list[dict], answer: str) -> float:
     """Summed log-probability of the answer's tokens after the prompt, as the chat template renders them."""
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(model_dir).eval(),
+        AutoTokenizer.from_pretrained(model_dir),
+    )
     prompt = render_prompt(tokenizer, messages)
     full = tokenizer(
         tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": answer}], tokenize=False),
@@ -285,8 +294,12 @@ def test_feedback_trains_the_next_model(tiny_served: Path, tmp_path: Path) -> No
     with Server(tiny_served) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         for question in QUESTIONS * 2:
-            a, b = (client.chat.completions.create(model="fine_tuned", messages=user(question), max_tokens=6,
-                                                   temperature=1.0, seed=seed) for seed in (1, 2))  # fmt: skip
+            a, b = (
+                client.chat.completions.create(
+                    model="fine_tuned", messages=user(question), max_tokens=6, temperature=1.0, seed=seed
+                )
+                for seed in (1, 2)
+            )
             if a.choices[0].message.content == b.choices[0].message.content:
                 continue
             for body in ({"id": a.id, "preferred_over": b.id}, {"id": a.id, "rating": 1},
@@ -296,7 +309,7 @@ def test_feedback_trains_the_next_model(tiny_served: Path, tmp_path: Path) -> No
     assert len(pairs) >= 10
     first = tiny_served / "export" / "model"
     result = subprocess.run(
-        [str(TOOLKIT_TRAIN), "recipe=nlp/smollm2_dpo", "data=feedback", f"data.path={tiny_served / 'feedback'}",
+        [str(TOOLKIT_TRAIN), "recipe=nlp/smollm2_dpo", "data=feedback", f"data.path={tiny_served}/feedback",
          f"model.name_or_path={first}", "stages=[train,export]", "trainer.max_steps=12", "optim.lr=5e-3",
          "scheduler.num_warmup_steps=0", "data.batch_size=4", "trainer.val_check_interval=2",
          "trainer.limit_val_batches=1", "trainer.accelerator=cpu", "logger=none", "progress_bar=false"],
@@ -313,3 +326,92 @@ def test_feedback_trains_the_next_model(tiny_served: Path, tmp_path: Path) -> No
     with Server(second_run) as server:  # ... and the next model serves in turn
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         assert client.chat.completions.create(model="fine_tuned", messages=user("hi"), max_tokens=4).id
+
+
+def curl_json(url: str, body: dict | str, headers: dict | None = None) -> tuple[int, dict]:
+    """POST with curl: (status, parsed JSON body)."""
+    data = body if isinstance(body, str) else json.dumps(body)
+    args = [
+        "curl",
+        "-s",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "-H",
+        "content-type: application/json",
+        "-d",
+        data,
+    ]
+    out = subprocess.run([*args, url], capture_output=True, text=True, check=True).stdout
+    text, status = out.rsplit("\n", 1)
+    return int(status), json.loads(text)
+
+
+def run_stages(tmp_path: Path, overrides: list[str]) -> Path:
+    from tests.helpers import compose_config
+    from toolkit.run.pipeline import run_pipeline
+
+    cfg = compose_config([*overrides, "stages=[train,export]"])
+    run_pipeline(cfg, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_text_classifier_predicts_labels_with_probabilities(classifier_run: tuple, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    run_dir = copy_run(classifier_run, tmp_path)
+    model_dir = run_dir / "export" / "model"
+    with Server(run_dir) as server:
+        status, body = curl_json(f"{server.url}/predict", {"text": "a gripping, beautifully acted film"})
+        assert status == 200
+        labels = body["labels"]
+        assert [label["score"] for label in labels] == sorted(
+            (label["score"] for label in labels), reverse=True
+        )
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        with torch.no_grad():
+            logits = model(**tokenizer("a gripping, beautifully acted film", return_tensors="pt")).logits
+        expected = {model.config.id2label[i]: float(p) for i, p in enumerate(torch.softmax(logits, -1)[0])}
+        assert {label["label"]: label["score"] for label in labels} == pytest.approx(expected, abs=1e-5)
+        assert curl_json(f"{server.url}/predict", {"image": "aGVsbG8="})[1]["error"]["param"] == "text"
+        assert curl_json(f"{server.url}/predict", "{not json")[0] == 400
+
+
+def test_image_classifier_and_a_file_that_is_no_image(tmp_path: Path) -> None:
+    from tests.helpers import TINY_IMAGES, TINY_VIT
+
+    run_dir = run_stages(tmp_path, ["recipe=vision/vit_fashion_mnist", TINY_VIT, *TINY_IMAGES])
+    image = Image.fromarray((np.arange(28 * 28) % 255).astype("uint8").reshape(28, 28))
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    with Server(run_dir) as server:
+        status, body = curl_json(
+            f"{server.url}/predict", {"image": base64.b64encode(png.getvalue()).decode()}
+        )
+        assert status == 200 and len(body["labels"]) == 10
+        assert body["labels"][0]["score"] >= body["labels"][-1]["score"]
+        status, body = curl_json(
+            f"{server.url}/predict", {"image": base64.b64encode(b"not an image").decode()}
+        )
+        assert status == 400 and body["error"]["param"] == "image"
+        assert "not a base64-encoded image file" in body["error"]["message"]
+
+
+def test_recommender_returns_unseen_raw_item_ids(tmp_path: Path) -> None:
+    from tests.helpers import TINY_RECSYS, TINY_SASREC
+    from toolkit.data.interactions import ItemVocabulary
+
+    run_dir = run_stages(tmp_path, ["recipe=recsys/sasrec_movielens", TINY_SASREC, *TINY_RECSYS])
+    vocab = ItemVocabulary.from_pretrained(run_dir / "export" / "model")
+    history = vocab.items[:5]
+    with Server(run_dir) as server:
+        status, body = curl_json(f"{server.url}/predict", {"items": [*history, "no-such-item"], "top_k": 4})
+        assert status == 200, body
+        assert body["ignored"] == ["no-such-item"]
+        recommended = [entry["item"] for entry in body["items"]]
+        assert len(recommended) == 4 and not set(recommended) & set(history)
+        assert set(recommended) <= set(vocab.items)
+        status, body = curl_json(f"{server.url}/predict", {"items": ["nope", "nada"]})
+        assert status == 400 and body["error"]["param"] == "items"

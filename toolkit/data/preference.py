@@ -49,7 +49,8 @@ CONSTRUCTIONS = {  # how each format's preferences were made, for the run report
     "unpaired": "single answers rated desirable or undesirable (KTO)",
     "label_pairs": "pairs built from labels: the prompt template filled from each row, chosen = the answer "
     "of its true label, rejected = each other answer",
-    "feedback_pairs": "users' comparisons of two served answers to the same messages (toolkit-serve feedback)",
+    "feedback_pairs": "users' comparisons of two served answers to the same messages (toolkit-serve "
+    "feedback)",
     "feedback_ratings": "users' ratings of served answers, 1 desirable and -1 undesirable (toolkit-serve "
     "feedback)",
 }
@@ -235,7 +236,8 @@ class PreferenceData(TokenizedData):
             only = "desirable" if prepared[0]["desirable"] else "undesirable"
             raise ToolkitError(
                 f"KTO data '{self.path}' has only {only} training examples (data.label_column="
-                f"'{self.columns['label_column']}'); it needs both true (desirable) and false (undesirable) labels"
+                f"'{self.columns['label_column']}'); it needs both true (desirable) and false (undesirable) "
+                "labels"
             )
         return prepared
 

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
-
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
 from datasets import Dataset, DatasetDict, load_dataset
 

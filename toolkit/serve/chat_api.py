@@ -17,21 +17,19 @@ import asyncio
 import json
 import time
 import uuid
-from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import litserve as ls
 from fastapi import BackgroundTasks
 from fastapi.responses import StreamingResponse
-from litserve.specs.base import LitSpec
-from litserve.utils import LitAPIStatus, ResponseBufferItem
 from pydantic import BaseModel
 
 from toolkit.serve.errors import RequestError
 from toolkit.serve.feedback import FeedbackLog
 from toolkit.serve.generation import Sampling, render_prompt, stream_batch
 from toolkit.serve.models import load_served
+from toolkit.serve.spec import QueuedSpec
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -82,7 +80,7 @@ def message_text(message: Message, index: int) -> str:
                        f"messages[{index}].content")  # fmt: skip
 
 
-class ChatSpec(LitSpec):
+class ChatSpec(QueuedSpec):
     def __init__(self, model_name: str, model_dir: str, feedback: FeedbackLog, limits: ChatLimits) -> None:
         super().__init__()
         self.api_path = "/v1/chat/completions"
@@ -90,20 +88,10 @@ class ChatSpec(LitSpec):
         self.tokenizer: Any = None
         self.add_endpoint(self.api_path, self.chat_completion, ["POST"])
 
-    @property
-    def stream(self) -> bool:
-        return True  # the worker always streams; whole answers are joined here
-
     def setup(self, server: Any) -> None:
         super().setup(server)
         self.tokenizer = load_served(self.model_dir, tokenizer_only=True)
         self.feedback.prepare()
-
-    def decode_request(self, request: Any, context_kwargs: dict | None = None) -> Any:
-        return request
-
-    def encode_response(self, output: Any, context_kwargs: dict | None = None) -> Any:
-        yield from output
 
     def check(self, request: ChatRequest) -> dict[str, Any]:
         """The request as a job for the worker, or a RequestError naming the field and its limit."""
@@ -159,11 +147,7 @@ class ChatSpec(LitSpec):
 
     async def chat_completion(self, request: ChatRequest, background_tasks: BackgroundTasks) -> Any:
         job = self.check(request)
-        uid = uuid.uuid4()
-        pending, event = deque(), asyncio.Event()
-        self.response_buffer[uid] = ResponseBufferItem(response_queue=pending, event=event)
-        self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
-        deltas = self.data_streamer(pending, event, send_status=True)
+        deltas = self.submit(job)  # the worker streams; whole answers are joined here
         if request.stream:
             return StreamingResponse(
                 self.events(job, deltas), media_type="text/event-stream", background=background_tasks
@@ -172,7 +156,7 @@ class ChatSpec(LitSpec):
 
     async def whole(self, job: dict, deltas: Any) -> dict[str, Any]:
         text, last = "", {}
-        async for delta in worker_deltas(deltas):
+        async for delta in deltas:
             text += delta["text"]
             last = delta if delta["finish_reason"] else last
         await asyncio.to_thread(self.feedback.add_completion, job["id"], job["messages"], text,
@@ -183,8 +167,11 @@ class ChatSpec(LitSpec):
             "created": int(time.time()),
             "model": self.model_name,
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text},
-                 "finish_reason": last["finish_reason"]}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": last["finish_reason"],
+                }
             ],  # fmt: skip
             "usage": usage(last),
         }
@@ -207,7 +194,7 @@ class ChatSpec(LitSpec):
         yield chunk({"role": "assistant", "content": ""})
         text = ""
         try:
-            async for delta in worker_deltas(deltas):
+            async for delta in deltas:
                 text += delta["text"]
                 if delta["text"]:
                     yield chunk({"content": delta["text"]})
@@ -218,15 +205,6 @@ class ChatSpec(LitSpec):
         except RequestError as err:
             yield f"data: {json.dumps(err.body())}\n\n"
         yield "data: [DONE]\n\n"
-
-
-async def worker_deltas(deltas: Any) -> Any:
-    """The worker's deltas as dicts; a worker failure becomes a 500 naming it."""
-    async for response, status in deltas:
-        if status == LitAPIStatus.ERROR:
-            detail = getattr(response, "detail", None) or str(response)
-            raise RequestError(f"generation failed: {detail}", None, 500, "server_error")
-        yield json.loads(response)
 
 
 def usage(delta: dict) -> dict[str, int]:
@@ -266,4 +244,3 @@ class ChatAPI(ls.LitAPI):
 
     def encode_response(self, output: Any) -> Any:
         yield from output
-

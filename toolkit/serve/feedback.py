@@ -75,7 +75,9 @@ class FeedbackLog:
         self.completions_path.parent.mkdir(parents=True, exist_ok=True)
         self.feedback_path.parent.mkdir(parents=True, exist_ok=True)
 
-    def add_completion(self, completion_id: str, messages: list[dict], answer: str, finish_reason: str) -> None:
+    def add_completion(
+        self, completion_id: str, messages: list[dict], answer: str, finish_reason: str
+    ) -> None:
         record = {
             "id": completion_id,
             "created": int(time.time()),
@@ -102,7 +104,9 @@ class FeedbackLog:
         """Append a rating (1 or -1) or a comparison (this answer preferred over another to the same
         messages); returns the line written."""
         if (rating is None) == (preferred_over is None):
-            raise FeedbackError("give exactly one of 'rating' (1 or -1) and 'preferred_over' (an id)", "rating")
+            raise FeedbackError(
+                "give exactly one of 'rating' (1 or -1) and 'preferred_over' (an id)", "rating"
+            )
         if rating is not None and rating not in (1, -1):
             raise FeedbackError(f"rating={rating} is not valid; use 1 (good) or -1 (bad)", "rating")
         this = self.completion(completion_id, "id")

@@ -161,7 +161,9 @@ class TrackerStops(StoppingCriteria):
     def __init__(self, tracker: RowTracker) -> None:
         self.tracker = tracker
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+    def __call__(
+        self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any
+    ) -> torch.BoolTensor:
         return self.tracker.finished().to(input_ids.device)
 
 
@@ -237,4 +239,7 @@ def complete(model: Any, tokenizer: Any, prompts: list[list[int]], samplings: li
             texts[i] += delta.text
             if delta.finish_reason:
                 finals[i] = delta
-    return [Delta(t, f.finish_reason, f.prompt_tokens, f.completion_tokens) for t, f in zip(texts, finals)]
+    return [
+        Delta(t, f.finish_reason, f.prompt_tokens, f.completion_tokens)
+        for t, f in zip(texts, finals, strict=True)
+    ]

@@ -14,7 +14,12 @@ from toolkit.serve.errors import RequestError
 
 class Limits:
     def __init__(self, app: Any, max_request_bytes: int, max_concurrent: int, paths: tuple[str, ...]) -> None:
-        self.app, self.max_bytes, self.max_concurrent, self.paths = app, max_request_bytes, max_concurrent, paths
+        self.app, self.max_bytes, self.max_concurrent, self.paths = (
+            app,
+            max_request_bytes,
+            max_concurrent,
+            paths,
+        )
         self.in_flight = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -26,9 +31,8 @@ class Limits:
             await refuse(send, self.too_large())
             return
         if self.in_flight >= self.max_concurrent:
-            await refuse(send, RequestError(
-                f"{self.in_flight} requests in flight: serve.max_concurrent={self.max_concurrent}; retry later",
-                None, 429, "too_many_requests"))  # fmt: skip
+            busy = f"serve.max_concurrent={self.max_concurrent} requests are in flight; retry later"
+            await refuse(send, RequestError(busy, None, 429, "too_many_requests"))
             return
         self.in_flight += 1
         try:

@@ -15,11 +15,15 @@ from toolkit.run.manifest import verify_manifest
 def variant_dir(run_dir: Path, variant: str) -> Path:
     """The folder of `variant` in the run, its manifest verified; a one-line error naming what exists."""
     if variant not in VARIANT_DIRS:
-        raise ToolkitError(f"serve.variant={variant} is not a model variant; valid: {', '.join(VARIANT_DIRS)}")
+        raise ToolkitError(
+            f"serve.variant={variant} is not a model variant; valid: {', '.join(VARIANT_DIRS)}"
+        )
     saved = saved_variants(run_dir)
     if variant not in saved:
         present = ", ".join(saved) or "none: run the export stage first (stages=[export])"
-        raise ToolkitError(f"from_run={run_dir} has no {variant} model ({VARIANT_DIRS[variant]}); it has: {present}")
+        raise ToolkitError(
+            f"from_run={run_dir} has no {variant} model ({VARIANT_DIRS[variant]}); it has: {present}"
+        )
     verify_manifest(saved[variant].parent)  # a truncated weight file is named here, not deep in loading
     return saved[variant]
 

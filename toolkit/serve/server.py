@@ -19,6 +19,7 @@ from toolkit.serve.errors import RequestError, install_handlers
 from toolkit.serve.feedback import FeedbackError, FeedbackLog
 from toolkit.serve.limits import Limits
 from toolkit.serve.models import variant_dir
+from toolkit.serve.predict_api import PredictAPI, PredictSpec, model_kind
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds: this machine only, or every interface
 LIMITED_PATHS = ("/v1/chat/completions", "/v1/feedback", "/predict")
@@ -36,13 +37,16 @@ def check_bind(host: str, port: int, api_key: str | None) -> None:
         )
 
 
+BEARER = Depends(HTTPBearer(auto_error=False))  # FastAPI reads the header; a missing one is None, not 403
+
+
 class ApiKey:
     """FastAPI dependency: `Authorization: Bearer <key>` or 401 (the key itself is never logged)."""
 
     def __init__(self, key: str | None) -> None:
         self.key = key
 
-    def __call__(self, credentials: HTTPAuthorizationCredentials | None = Depends(HTTPBearer(auto_error=False))):
+    def __call__(self, credentials: HTTPAuthorizationCredentials | None = BEARER) -> None:
         if self.key and (credentials is None or credentials.credentials != self.key):
             raise RequestError("missing or wrong API key: send 'Authorization: Bearer <key>'", None, 401,
                                "invalid_api_key")  # fmt: skip
@@ -63,7 +67,9 @@ class Routes:
     def models(self) -> dict[str, Any]:
         return {
             "object": "list",
-            "data": [{"id": self.model_name, "object": "model", "created": self.created, "owned_by": "toolkit"}],
+            "data": [
+                {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "toolkit"}
+            ],
         }
 
     def add_feedback(self, body: Feedback) -> dict[str, Any]:
@@ -75,23 +81,32 @@ class Routes:
 
 
 def build_server(run_dir: Path, serve: DictConfig) -> ls.LitServer:
+    """The server of `serve.variant`: the chat API for a causal LM, /predict for the other tasks."""
     check_bind(serve.host, serve.port, serve.api_key)
     model_dir = variant_dir(run_dir, serve.variant)
-    model_name = serve.model_name or serve.variant
-    feedback = FeedbackLog(run_dir, model_name)
-    limits = ChatLimits(serve.max_tokens, serve.default_max_tokens, serve.max_messages, serve.context_length)
-    spec = ChatSpec(model_name, str(model_dir), feedback, limits)
     auth = ApiKey(serve.api_key)
-    api = ChatAPI(spec, serve.max_batch_size, serve.batch_timeout, authorize=auth)
+    kind = model_kind(model_dir)
+    if kind is None:
+        model_name = serve.model_name or serve.variant
+        feedback = FeedbackLog(run_dir, model_name)
+        limits = ChatLimits(
+            serve.max_tokens, serve.default_max_tokens, serve.max_messages, serve.context_length
+        )
+        spec = ChatSpec(model_name, str(model_dir), feedback, limits)
+        api = ChatAPI(spec, serve.max_batch_size, serve.batch_timeout, authorize=auth)
+    else:
+        spec = PredictSpec(str(model_dir), kind, serve.top_k)
+        api = PredictAPI(spec, serve.max_batch_size, serve.batch_timeout, authorize=auth)
     limit = {"max_request_bytes": serve.max_request_bytes, "max_concurrent": serve.max_concurrent,
              "paths": LIMITED_PATHS}  # fmt: skip
     server = ls.LitServer(
         api, accelerator=serve.accelerator, devices=1, timeout=serve.timeout, middlewares=[(Limits, limit)]
     )
-    routes = Routes(model_name, feedback)
-    server.app.add_api_route("/v1/models", routes.models, methods=["GET"], dependencies=[Depends(auth)])
-    server.app.add_api_route(
-        "/v1/feedback", routes.add_feedback, methods=["POST"], dependencies=[Depends(auth)]
-    )
+    if kind is None:
+        routes = Routes(model_name, feedback)
+        server.app.add_api_route("/v1/models", routes.models, methods=["GET"], dependencies=[Depends(auth)])
+        server.app.add_api_route(
+            "/v1/feedback", routes.add_feedback, methods=["POST"], dependencies=[Depends(auth)]
+        )
     install_handlers(server.app)
     return server
