@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolkit.cli import submit
+from toolkit.cli import chat, serve, submit
 
 from .helpers import TINY_BERT, assert_no_run_left, last_line, run_cli, toolkit_train
 
@@ -54,6 +54,11 @@ ONLY_GOOD = b"".join(
     b'{"messages": [{"role": "user", "content": "Q%d"}, {"role": "assistant", "content": "A%d"}], '
     b'"label": true}\n' % (i, i)
     for i in range(20)
+)
+RATINGS_ONLY = b"".join(
+    b'{"kind": "rating", "id": "c%d", "prompt": [{"role": "user", "content": "Q%d"}], "completion": "A%d", '
+    b'"label": true, "chosen": null, "rejected": null}\n' % (i, i, i)
+    for i in range(10)
 )
 CATALOGUE = {
     "unknown recipe": Case(
@@ -291,6 +296,61 @@ CATALOGUE = {
         "data.chosen_column='better' is not a column of the dataset; columns: conversations, chosen, "
         "rejected",
     ),
+    "feedback without comparisons": Case(
+        "preference",
+        ["recipe=nlp/smollm2_dpo", "data=feedback", "data.path={tmp}/feedback", "logger=none"],
+        "data.path='{tmp}/feedback' holds no comparison feedback (toolkit-serve's feedback.jsonl; "
+        "data.format=feedback_ratings reads the other kind)",
+        files={"feedback/feedback.jsonl": RATINGS_ONLY},
+    ),
+    "serve without from_run": Case(
+        "serve",
+        [],
+        "from_run=<run directory> is required (e.g. from_run=runs/nlp/smollm2_dpo/<time>)",
+        command="toolkit-serve",
+    ),
+    "serve from a folder that does not exist": Case(
+        "serve",
+        ["from_run={tmp}/nothing"],
+        "from_run={tmp}/nothing is not a directory; give a run directory under runs/",
+        command="toolkit-serve",
+    ),
+    "serve a variant the run lacks": Case(
+        "serve",
+        ["from_run={tmp}/run", "serve.variant=quantized"],
+        "from_run={tmp}/run has no quantized model (quantize/model); it has: fine_tuned",
+        files={"run/export/model/config.json": b"{}"},
+        command="toolkit-serve",
+    ),
+    "serve an unknown variant": Case(
+        "serve",
+        ["from_run={tmp}/run", "serve.variant=best"],
+        "serve.variant=best is not a model variant; valid: fine_tuned, pruned, distilled, quantized",
+        files={"run/export/model/config.json": b"{}"},
+        command="toolkit-serve",
+    ),
+    "serve beyond this machine without an API key": Case(
+        "serve",
+        ["from_run={tmp}/run", "serve.host=0.0.0.0"],
+        "serve.host=0.0.0.0 listens beyond this machine: set an API key in the environment "
+        "(TOOLKIT_SERVE_API_KEY) so that requests without it get 401",
+        files={"run/export/model/config.json": b"{}"},
+        command="toolkit-serve",
+    ),
+    "serve on an address that cannot be bound": Case(
+        "serve",
+        ["from_run={tmp}/run", "serve.host=10.1.2.3"],
+        "serve.host=10.1.2.3 cannot be bound; valid: 127.0.0.1, 0.0.0.0, ::",
+        files={"run/export/model/config.json": b"{}"},
+        command="toolkit-serve",
+    ),
+    "chat with a variant the run lacks": Case(
+        "serve",
+        ["from_run={tmp}/run", "serve.variant=distilled"],
+        "from_run={tmp}/run has no distilled model (distill/model); it has: fine_tuned",
+        files={"run/export/model/config.json": b"{}"},
+        command="toolkit-chat",
+    ),
     "KTO data with one label": Case(
         "preference",
         ["recipe=nlp/smollm2_kto", "data.path={tmp}/good.jsonl", "logger=none"],
@@ -337,6 +397,9 @@ CATALOGUE = {
 }
 
 
+COMMANDS = {"toolkit-submit": submit.main, "toolkit-serve": serve.main, "toolkit-chat": chat.main}
+
+
 def run_command(case: Case, monkeypatch, tmp_path, capsys) -> tuple[int, str]:
     for name, content in case.files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -346,8 +409,9 @@ def run_command(case: Case, monkeypatch, tmp_path, capsys) -> tuple[int, str]:
         return run_cli(args, monkeypatch, tmp_path, capsys)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [case.command, *args])
+    monkeypatch.delenv("TOOLKIT_SERVE_API_KEY", raising=False)
     with pytest.raises(SystemExit) as exit_info:
-        submit.main()
+        COMMANDS[case.command]()
     return exit_info.value.code, capsys.readouterr().err
 
 

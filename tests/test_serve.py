@@ -26,7 +26,7 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import TOOLKIT_TRAIN, copy_run
-from tests.serving import Server
+from tests.serving import TOOLKIT_SERVE, Server
 from toolkit.data.assets import asset_path
 from toolkit.layout import COMPLETIONS, FEEDBACK
 from toolkit.run.manifest import write_manifest
@@ -415,3 +415,25 @@ def test_recommender_returns_unseen_raw_item_ids(tmp_path: Path) -> None:
         assert set(recommended) <= set(vocab.items)
         status, body = curl_json(f"{server.url}/predict", {"items": ["nope", "nada"]})
         assert status == 400 and body["error"]["param"] == "items"
+
+
+def test_terminal_chat_streams_the_same_answers_and_resets(smollm_run: Path, smollm: tuple) -> None:
+    """toolkit-chat: multi-turn, /system resets with a new system prompt, /exit; answers as generate's."""
+    script = "What is 2 + 2?\nAnd 3 + 3?\n/system You are a pirate.\nWhat is 2 + 2?\n/exit\n"
+    result = subprocess.run(
+        [str(TOOLKIT_SERVE.with_name("toolkit-chat")), f"from_run={smollm_run}", "chat.max_tokens=12"],
+        input=script, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    first = offline_greedy(smollm, user("What is 2 + 2?"), 12)
+    follow_up = [*user("What is 2 + 2?"), {"role": "assistant", "content": first}, *user("And 3 + 3?")]
+    pirate = [{"role": "system", "content": "You are a pirate."}, *user("What is 2 + 2?")]
+    expected = [
+        first,
+        offline_greedy(smollm, follow_up, 12),
+        "(conversation reset)",
+        offline_greedy(smollm, pirate, 12),
+    ]
+    out = result.stdout
+    positions = [out.index(text) for text in expected]
+    assert positions == sorted(positions), out
