@@ -3,7 +3,18 @@
 import argparse
 from pathlib import Path
 
-from benchmarks import chat, data_cache, defaults, harness, memory, overhead, packing, preference, strategies
+from benchmarks import (
+    chat,
+    data_cache,
+    defaults,
+    harness,
+    memory,
+    overhead,
+    packing,
+    preference,
+    serve,
+    strategies,
+)
 from benchmarks import quantize as quantize_benchmark
 
 # Each entry is a module with `main(tiny: bool) -> harness.Result`; add new benchmarks here.
@@ -17,6 +28,7 @@ BENCHMARKS = {
     "memory": memory,
     "data_cache": data_cache,
     "defaults": defaults,
+    "serve": serve,
 }
 
 

@@ -26,11 +26,12 @@ from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.helpers import TOOLKIT_TRAIN, copy_run
-from tests.serving import TOOLKIT_SERVE, Server
 from toolkit.data.assets import asset_path
 from toolkit.layout import COMPLETIONS, FEEDBACK
 from toolkit.run.manifest import write_manifest
 from toolkit.serve.generation import render_prompt
+from toolkit.serve.process import TOOLKIT_SERVE
+from toolkit.serve.process import ServerProcess as Server
 
 QUESTIONS = [
     "What is the capital of France?",

@@ -1,4 +1,5 @@
-"""A real `toolkit-serve` process on 127.0.0.1 for the tests: started, waited for, stopped (process group)."""
+"""`toolkit-serve` as a child process: started on a free port, waited for until /health says ok, stopped with
+its whole process group (LitServe's workers included). For notebooks, benchmarks and tests."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-
-import httpx
 
 TOOLKIT_SERVE = Path(sys.executable).with_name("toolkit-serve")
 
@@ -22,7 +23,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
+class ServerProcess:
     """`toolkit-serve from_run=<run> serve.port=<free port> <overrides>`, as a context manager."""
 
     def __init__(self, run_dir: Path, *overrides: str, env: dict | None = None) -> None:
@@ -31,8 +32,12 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = run_dir.parent / f"serve-{self.port}.log"
         self.process: subprocess.Popen | None = None
+        named = dict(o.split("=", 1) for o in overrides if o.startswith("serve."))
+        self.model = named.get("serve.model_name") or named.get(
+            "serve.variant", "fine_tuned"
+        )  # the id to send
 
-    def start(self, timeout: float = 120) -> Server:
+    def start(self, timeout: float = 120) -> ServerProcess:
         args = [str(TOOLKIT_SERVE), f"from_run={self.run_dir}", f"serve.port={self.port}",
                 "serve.accelerator=cpu", *self.overrides]  # fmt: skip
         env = {**os.environ, **(self.env or {})}
@@ -43,14 +48,19 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"toolkit-serve exited {self.process.returncode}: {self.log.read_text()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2, headers=self.headers()).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
+            if self.healthy():
+                return self
             time.sleep(0.5)
         self.stop()
         raise RuntimeError(f"toolkit-serve not ready after {timeout} s: {self.log.read_text()}")
+
+    def healthy(self) -> bool:
+        request = urllib.request.Request(f"{self.url}/health", headers=self.headers())
+        try:
+            with urllib.request.urlopen(request, timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            return False
 
     def headers(self) -> dict[str, str]:
         key = (self.env or {}).get("TOOLKIT_SERVE_API_KEY")
@@ -69,7 +79,7 @@ class Server:
         with contextlib.suppress(ProcessLookupError):  # the spawned workers share the group: none may stay
             os.killpg(self.process.pid, signal.SIGKILL)
 
-    def __enter__(self) -> Server:
+    def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
