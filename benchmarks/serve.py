@@ -33,7 +33,7 @@ from toolkit.serve.generation import render_prompt
 from toolkit.serve.process import ServerProcess
 
 TOPICS = ["the sea", "a city at night", "bread", "an old clock", "winter", "a library", "trains", "bees",
-          "the moon", "a market", "rain", "a garden", "mountains", "a violin", "coffee", "lighthouses"]  # fmt: skip
+          "the moon", "a market", "rain", "a garden", "hills", "violins", "coffee", "ships"]  # fmt: skip
 TINY_LLAMA = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
               "intermediate_size": 64, "vocab_size": 49152, "max_position_embeddings": 256,
               "tie_word_embeddings": True}  # fmt: skip

@@ -19,6 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "toolkit"
 LAYERS = [
     {"cli", "__main__"},
     {"config"},
+    {"serve"},
     {"run"},
     {"checks"},
     {"training", "compress"},

@@ -33,7 +33,7 @@ def test_strategies_benchmark_publishes_its_table_and_ratios(tmp_path):
 
 
 def test_performance_benchmarks_publish_their_tables_and_figures(tmp_path):
-    report, figures = run_benchmark("overhead packing chat memory data_cache defaults", tmp_path)
+    report, figures = run_benchmark("overhead packing chat memory data_cache defaults serve", tmp_path)
     headers = (
         "| model | variant |",
         "| arm | rows in epoch |",
@@ -41,6 +41,7 @@ def test_performance_benchmarks_publish_their_tables_and_figures(tmp_path):
         "| arm | peak RSS GiB |",
         "| data |",
         "| side |",
+        "| arm | requests_per_s |",
     )
     for header in headers:
         assert header in report
@@ -59,6 +60,8 @@ def test_performance_benchmarks_publish_their_tables_and_figures(tmp_path):
         and figures["chat.packed_tokens_per_s_over_padded"] > 0
     )
     assert figures["data_cache.quickstart.cached_over_first"] > 0
+    for name in ("throughput_batched_over_sequential", "quantized_over_fine_tuned", "overhead_over_generate"):
+        assert figures[f"serve.{name}"] > 0
     assert figures["overhead.minilm.defaults_time_over_trainer"] > 0
     assert -1 <= figures["overhead.minilm.defaults_accuracy_delta"] <= 1
 

@@ -114,7 +114,7 @@ KILLABLE = [
 
 
 @pytest.mark.faults
-@pytest.mark.parametrize("form", ["precomputed", "frozen_copy"])
+@pytest.mark.parametrize("form", [pytest.param("precomputed", marks=pytest.mark.slow), "frozen_copy"])
 def test_a_full_fine_tune_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run(
     tmp_path, tiny_llama_dir, form
 ):
