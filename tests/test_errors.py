@@ -368,7 +368,8 @@ CATALOGUE = {
         "preference",
         ["recipe=quickstart", "task=preference", "logger=none"],
         "task=preference (task.loss=dpo) needs preference data (data.format: pairs, sharegpt_pairs, "
-        "unpaired, label_pairs; e.g. data=dpo_en_demo), not TextClassificationData",
+        "unpaired, label_pairs, feedback_pairs, feedback_ratings; e.g. data=dpo_en_demo), not "
+        "TextClassificationData",
     ),
     "preference data on a non-preference task": Case(
         "preference",
