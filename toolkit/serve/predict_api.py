@@ -133,11 +133,10 @@ class PredictSpec(QueuedSpec):
 
     async def predict(self, request: PredictRequest) -> dict[str, Any]:
         job = self.preprocess(request)
-        async for result in self.submit(job):
-            if self.kind == "items":
-                result["ignored"] = job["ignored"]
-            return result
-        raise RequestError("the model returned nothing", None, 500, "server_error")
+        (result,) = [output async for output in self.submit(job)]  # the worker answers once per job
+        if self.kind == "items":
+            result["ignored"] = job["ignored"]
+        return result
 
 
 class PredictAPI(ls.LitAPI):

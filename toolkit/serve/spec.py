@@ -40,13 +40,18 @@ class QueuedSpec(LitSpec):
         pending, event = deque(), asyncio.Event()
         self.response_buffer[uid] = ResponseBufferItem(response_queue=pending, event=event)
         self.request_queue.put((self.response_queue_id, uid, time.monotonic(), job))
-        return worker_outputs(self.data_streamer(pending, event, send_status=True))
+        return self.outputs(uid, self.data_streamer(pending, event, send_status=True))
 
-
-async def worker_outputs(outputs: Any) -> AsyncIterator[dict[str, Any]]:
-    """The worker's outputs as dicts; a worker failure becomes a 500 naming it."""
-    async for response, status in outputs:
-        if status == LitAPIStatus.ERROR:
-            detail = getattr(response, "detail", None) or str(response)
-            raise RequestError(f"the model failed on this request: {detail}", None, 500, "server_error")
-        yield json.loads(response)
+    async def outputs(self, uid: uuid.UUID, streamed: Any) -> AsyncIterator[dict[str, Any]]:
+        """The worker's outputs as dicts; a worker failure becomes a 500 naming it. The request's buffer
+        entry goes when its answer is done or its client has gone."""
+        try:
+            async for response, status in streamed:
+                if status == LitAPIStatus.ERROR:
+                    detail = getattr(response, "detail", None) or str(response)
+                    raise RequestError(
+                        f"the model failed on this request: {detail}", None, 500, "server_error"
+                    )
+                yield json.loads(response)
+        finally:
+            self.response_buffer.pop(uid, None)
