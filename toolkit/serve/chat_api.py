@@ -25,21 +25,23 @@ from fastapi import BackgroundTasks
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from toolkit.data.conversations import ROLES
 from toolkit.serve.errors import RequestError
 from toolkit.serve.feedback import FeedbackLog
 from toolkit.serve.generation import Sampling, render_prompt, stream_batch
 from toolkit.serve.models import load_served
 from toolkit.serve.spec import QueuedSpec
 
-ROLES = ("system", "user", "assistant", "tool")
-
 
 @dataclass(frozen=True)
 class ChatLimits:
-    max_tokens: int = 512  # the most a request may ask for
-    default_max_tokens: int = 128  # when it does not say
-    max_messages: int = 64
-    context_length: int = 2048  # prompt + answer tokens
+    """serve.max_tokens (the most a request may ask for), serve.default_max_tokens (when it does not say),
+    serve.max_messages, serve.context_length (prompt + answer tokens)."""
+
+    max_tokens: int
+    default_max_tokens: int
+    max_messages: int
+    context_length: int
 
 
 class Message(BaseModel):

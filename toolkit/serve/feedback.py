@@ -21,14 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from toolkit.layout import COMPLETIONS, FEEDBACK
-
-
-class FeedbackError(ValueError):
-    """Feedback that cannot be recorded: the message names the field."""
-
-    def __init__(self, message: str, param: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.param, self.status = param, status
+from toolkit.serve.errors import RequestError
 
 
 def append_line(path: Path, record: dict[str, Any]) -> None:
@@ -97,18 +90,18 @@ class FeedbackLog:
                 self.known.update({r["id"]: r for r in records})
             record = self.known.get(completion_id)
         if record is None:
-            raise FeedbackError(f"{param}='{completion_id}' is not a completion this run served", param, 404)
+            raise RequestError(f"{param}='{completion_id}' is not a completion this run served", param, 404)
         return record
 
     def add_feedback(self, completion_id: str, rating: int | None, preferred_over: str | None) -> dict:
         """Append a rating (1 or -1) or a comparison (this answer preferred over another to the same
         messages); returns the line written."""
         if (rating is None) == (preferred_over is None):
-            raise FeedbackError(
+            raise RequestError(
                 "give exactly one of 'rating' (1 or -1) and 'preferred_over' (an id)", "rating"
             )
         if rating is not None and rating not in (1, -1):
-            raise FeedbackError(f"rating={rating} is not valid; use 1 (good) or -1 (bad)", "rating")
+            raise RequestError(f"rating={rating} is not valid; use 1 (good) or -1 (bad)", "rating")
         this = self.completion(completion_id, "id")
         record = {
             "kind": "rating" if rating is not None else "comparison",
@@ -126,7 +119,7 @@ class FeedbackLog:
         if preferred_over is not None:
             other = self.completion(preferred_over, "preferred_over")
             if preferred_over == completion_id or other["messages"] != this["messages"]:
-                raise FeedbackError(
+                raise RequestError(
                     f"preferred_over='{preferred_over}' must be another answer to the same messages as "
                     f"id='{completion_id}'",
                     "preferred_over",

@@ -95,10 +95,11 @@ class RowTracker(BaseStreamer):
     """Receives generate's new tokens (one per row per step), decides when each row is finished and queues
     every row's new text, holding back what may still turn out to be the start of a stop string."""
 
-    def __init__(self, tokenizer: Any, prompt_lengths: list[int], samplings: list[Sampling]) -> None:
-        self.tokenizer = tokenizer
+    def __init__(
+        self, tokenizer: Any, prompt_lengths: list[int], samplings: list[Sampling], end_ids: set[int]
+    ) -> None:
+        self.tokenizer, self.end_ids = tokenizer, end_ids
         self.rows = [Row(s, n) for s, n in zip(samplings, prompt_lengths, strict=True)]
-        self.end_ids = end_of_turn_ids(tokenizer)
         self.deltas: queue.Queue[list[Delta] | BaseException | None] = queue.Queue()
         self.prompt_seen = False
 
@@ -167,13 +168,12 @@ class TrackerStops(StoppingCriteria):
         return self.tracker.finished().to(input_ids.device)
 
 
-def end_of_turn_ids(tokenizer: Any) -> set[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
-            ids.add(token_id)
-    return ids
+def end_of_turn_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Where `generate` itself would stop: the generation config's end tokens (e.g. Llama-3's <|eot_id|>
+    beside <|end_of_text|>), and the tokenizer's own."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured) if isinstance(configured, list) else {configured}
+    return (ids | {tokenizer.eos_token_id}) - {None}
 
 
 def first_stop(text: str, stops: tuple[str, ...]) -> int | None:
@@ -199,7 +199,7 @@ def stream_batch(
     width = max(len(p) for p in prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    tracker = RowTracker(tokenizer, [len(p) for p in prompts], samplings)
+    tracker = RowTracker(tokenizer, [len(p) for p in prompts], samplings, end_of_turn_ids(model, tokenizer))
     kwargs = {
         "input_ids": input_ids,
         "attention_mask": attention,
@@ -209,7 +209,7 @@ def stream_batch(
         "stopping_criteria": StoppingCriteriaList([TrackerStops(tracker)]),
         "streamer": tracker,
         "pad_token_id": pad_id,
-        "eos_token_id": None,  # the tracker ends rows at any end-of-turn token
+        "eos_token_id": None,  # the tracker ends each row at its end-of-turn token
         "top_k": None,
         "top_p": None,
         "temperature": None,
@@ -228,18 +228,3 @@ def run_generate(model: Any, kwargs: dict, tracker: RowTracker) -> None:
         model.generate(**kwargs)
     except BaseException as err:  # handed to the consumer: a failed batch fails its requests, not the server
         tracker.deltas.put(err)
-
-
-def complete(model: Any, tokenizer: Any, prompts: list[list[int]], samplings: list[Sampling]) -> list[Delta]:
-    """Whole answers: each prompt's text, finish reason and token counts."""
-    texts = [""] * len(prompts)
-    finals: list[Delta | None] = [None] * len(prompts)
-    for deltas in stream_batch(model, tokenizer, prompts, samplings):
-        for i, delta in enumerate(deltas):
-            texts[i] += delta.text
-            if delta.finish_reason:
-                finals[i] = delta
-    return [
-        Delta(t, f.finish_reason, f.prompt_tokens, f.completion_tokens)
-        for t, f in zip(texts, finals, strict=True)
-    ]

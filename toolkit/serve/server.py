@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from toolkit.errors import ToolkitError
 from toolkit.serve.chat_api import ChatAPI, ChatLimits, ChatSpec
 from toolkit.serve.errors import RequestError, install_handlers
-from toolkit.serve.feedback import FeedbackError, FeedbackLog
+from toolkit.serve.feedback import FeedbackLog
 from toolkit.serve.limits import Limits
 from toolkit.serve.models import variant_dir
 from toolkit.serve.predict_api import PredictAPI, PredictSpec, model_kind
@@ -73,10 +73,7 @@ class Routes:
         }
 
     def add_feedback(self, body: Feedback) -> dict[str, Any]:
-        try:
-            record = self.feedback.add_feedback(body.id, body.rating, body.preferred_over)
-        except FeedbackError as err:
-            raise RequestError(str(err), err.param, err.status) from err
+        record = self.feedback.add_feedback(body.id, body.rating, body.preferred_over)
         return {"id": body.id, "recorded": record["kind"]}
 
 
