@@ -114,19 +114,21 @@ def recipe_search_dir(recipe: Path) -> Path:
     return root
 
 
+def compose_named(config_name: str, overrides: list[str], **kwargs: Any) -> DictConfig:
+    """conf/<config_name>.yaml composed with the overrides."""
+    GlobalHydra.instance().clear()  # an earlier composition in this process would make initialize refuse
+    with initialize_config_dir(config_dir=config_dir(), version_base=None):
+        return compose(config_name, overrides=overrides, **kwargs)
+
+
 def compose_serve_config(overrides: list[str]) -> DictConfig:
     """The config of `toolkit-serve` / `toolkit-chat` (conf/serve.yaml with the overrides)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        return compose("serve", overrides=overrides)
+    return compose_named("serve", overrides)
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config `toolkit-train <overrides>` would run with, for the other commands (submit, estimate)."""
     register_resolvers()
-    overrides = expand_recipe_file(overrides)
-    GlobalHydra.instance().clear()  # an earlier composition in this process would make initialize refuse
-    with initialize_config_dir(config_dir=config_dir(), version_base=None):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    cfg = compose_named("train", expand_recipe_file(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve
     return cfg
