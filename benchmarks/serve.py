@@ -22,9 +22,10 @@ from pathlib import Path
 
 import openai
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.harness import Result, median
+from benchmarks.harness import TINY_LLAMA, Result, median
 from toolkit.config import compose_config
 from toolkit.data.assets import asset_path
 from toolkit.run.manifest import write_manifest
@@ -34,9 +35,6 @@ from toolkit.serve.process import ServerProcess
 
 TOPICS = ["the sea", "a city at night", "bread", "an old clock", "winter", "a library", "trains", "bees",
           "the moon", "a market", "rain", "a garden", "hills", "violins", "coffee", "ships"]  # fmt: skip
-TINY_LLAMA = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "intermediate_size": 64, "vocab_size": 49152, "max_position_embeddings": 256,
-              "tie_word_embeddings": True}  # fmt: skip
 
 
 def messages(i: int) -> list[dict[str, str]]:
@@ -48,10 +46,10 @@ def prepare_run(root: Path, tiny: bool) -> Path:
     run, model_dir = root / "run", root / "run" / "export" / "model"
     source = asset_path("smollm2_135m_instruct")
     if tiny:
+        values = dict(OverridesParser.create().parse_override(TINY_LLAMA).value())  # the harness's tiny Llama
         torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **TINY_LLAMA)).save_pretrained(
-            model_dir
-        )
+        config = AutoConfig.for_model(values.pop("model_type"), **values)
+        AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
         AutoTokenizer.from_pretrained(source).save_pretrained(model_dir)
     else:
         shutil.copytree(source, model_dir)

@@ -55,6 +55,7 @@ ONLY_GOOD = b"".join(
     b'"label": true}\n' % (i, i)
     for i in range(20)
 )
+EXPORTED_RUN = {"run/export/model/config.json": b"{}"}  # a run whose only saved variant is fine_tuned
 RATINGS_ONLY = b"".join(
     b'{"kind": "rating", "id": "c%d", "prompt": [{"role": "user", "content": "Q%d"}], "completion": "A%d", '
     b'"label": true, "chosen": null, "rejected": null}\n' % (i, i, i)
@@ -319,14 +320,14 @@ CATALOGUE = {
         "serve",
         ["from_run={tmp}/run", "serve.variant=quantized"],
         "from_run={tmp}/run has no quantized model (quantize/model); it has: fine_tuned",
-        files={"run/export/model/config.json": b"{}"},
+        files=EXPORTED_RUN,
         command="toolkit-serve",
     ),
     "serve an unknown variant": Case(
         "serve",
         ["from_run={tmp}/run", "serve.variant=best"],
         "serve.variant=best is not a model variant; valid: fine_tuned, pruned, distilled, quantized",
-        files={"run/export/model/config.json": b"{}"},
+        files=EXPORTED_RUN,
         command="toolkit-serve",
     ),
     "serve beyond this machine without an API key": Case(
@@ -334,29 +335,28 @@ CATALOGUE = {
         ["from_run={tmp}/run", "serve.host=0.0.0.0"],
         "serve.host=0.0.0.0 listens beyond this machine: set an API key in the environment "
         "(TOOLKIT_SERVE_API_KEY) so that requests without it get 401",
-        files={"run/export/model/config.json": b"{}"},
+        files=EXPORTED_RUN,
         command="toolkit-serve",
     ),
     "serve on an address that cannot be bound": Case(
         "serve",
         ["from_run={tmp}/run", "serve.host=10.1.2.3"],
         "serve.host=10.1.2.3 cannot be bound; valid: 127.0.0.1, 0.0.0.0, ::",
-        files={"run/export/model/config.json": b"{}"},
+        files=EXPORTED_RUN,
         command="toolkit-serve",
     ),
     "chat with a variant the run lacks": Case(
         "serve",
         ["from_run={tmp}/run", "serve.variant=distilled"],
         "from_run={tmp}/run has no distilled model (distill/model); it has: fine_tuned",
-        files={"run/export/model/config.json": b"{}"},
+        files=EXPORTED_RUN,
         command="toolkit-chat",
     ),
     "KTO data with one label": Case(
         "preference",
         ["recipe=nlp/smollm2_kto", "data.path={tmp}/good.jsonl", "logger=none"],
         "KTO data '{tmp}/good.jsonl' has only desirable training examples (data.label_column='label'); it "
-        "needs both "
-        "true (desirable) and false (undesirable) labels",
+        "needs both true (desirable) and false (undesirable) labels",
         files={"good.jsonl": ONLY_GOOD},
     ),
     "non-positive beta": Case(
