@@ -7,8 +7,10 @@ import warnings as _warnings
 import torch as _torch
 
 # Importing transformers pulls in torchao, which logs warnings about optional CUDA kernels (and torch about
-# its pytree registrations) on every run: harmless on any machine, so keep them out of users' output.
-for _name in ("torchao", "torch.utils._pytree"):
+# its pytree registrations) on every run; PEFT pulls in bitsandbytes, which on CPUs with AVX512-BF16 logs that
+# an optional hub kernel package is missing (its fallback is the kernel training uses anyway). All harmless
+# on any machine, so keep them out of users' output.
+for _name in ("torchao", "torch.utils._pytree", "bitsandbytes.backends.cpu.ops"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 # Deprecation chatter between pinned libraries (torchdata -> torch, lightning -> torch, peft -> transformers).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -10,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from toolkit.compress.quantize import check_quantize_config
 from toolkit.errors import ToolkitError
+from toolkit.models.adapters import quantization_settings
 from toolkit.tasks.harness import harness_tasks, task_manager
 from toolkit.training.strategies import strategy_kind
 
@@ -59,6 +61,51 @@ def check_strategy(strategy: dict, optimizer_target: str, accelerator: str, devi
         raise ToolkitError(f"trainer.devices={devices} but this machine has {available} {kind}")
 
 
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+def check_attention(attn: str | None, accelerator: str) -> None:
+    """model.attn_implementation: a kernel transformers knows, installed, that can train on this machine."""
+    if attn is None:
+        return
+    if attn not in ATTENTION:
+        raise ToolkitError(
+            f"model.attn_implementation='{attn}' is not supported; valid: null, {', '.join(ATTENTION)}"
+        )
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if attn == "flash_attention_2" and (importlib.util.find_spec("flash_attn") is None or not on_gpu):
+        raise ToolkitError(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package "
+            f"({'not installed' if on_gpu else 'no GPU here'}); use sdpa or eager"
+        )
+    if attn == "flex_attention" and not on_gpu:
+        raise ToolkitError(
+            "model.attn_implementation=flex_attention cannot train on CPU (torch has no FlexAttention "
+            "backward there); use sdpa or eager, or train on a GPU"
+        )
+
+
+def check_memory_levers(cfg: DictConfig) -> None:
+    """QLoRA's base and bitsandbytes optimizers, where a strategy cannot hold them."""
+    kind = strategy_kind(cfg.strategy)
+    if quantization_settings(cfg.adapter):
+        if cfg.model.config is not None:
+            raise ToolkitError(
+                "adapter=qlora quantizes pretrained weights but model.config builds a random model; set "
+                "model.name_or_path to a model directory or hub id and model.config=null"
+            )
+        if kind == "deepspeed":
+            raise ToolkitError(
+                "adapter=qlora cannot run under DeepSpeed (its engine casts and partitions the packed 4-bit "
+                "weights); use strategy=ddp or strategy=fsdp2"
+            )
+    if cfg.optim._target_.startswith("bitsandbytes.") and kind == "fsdp2":
+        raise ToolkitError(
+            f"optim._target_={cfg.optim._target_} cannot step FSDP2's sharded parameters (bitsandbytes' "
+            "kernels take plain tensors, not DTensors); use optim=adamw with fsdp2, or a DeepSpeed strategy"
+        )
+
+
 def preflight(cfg: DictConfig, stages: list[str]) -> None:
     """Every check of a run's config, before its first stage: a bad combination fails in a second, not
     after an hour of training. Checks of the training setup apply only when the run trains."""
@@ -70,6 +117,8 @@ def preflight(cfg: DictConfig, stages: list[str]) -> None:
             cfg.trainer.accelerator,
             cfg.trainer.devices,
         )
+        check_attention(cfg.model.get("attn_implementation"), cfg.trainer.accelerator)
+        check_memory_levers(cfg)
     if "quantize" in stages and cfg.quantize.quantization_config is not None:
         check_quantize_config(cfg.quantize)
     lm_eval = OmegaConf.select(cfg, "evaluate.lm_eval")

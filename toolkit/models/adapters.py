@@ -1,4 +1,5 @@
-"""Parameter-efficient adapters through PEFT's public API (LoRA, DoRA); none means full fine-tuning."""
+"""Parameter-efficient adapters through PEFT's public API (LoRA, DoRA, and QLoRA: LoRA on a 4-bit base);
+none means full fine-tuning."""
 
 from __future__ import annotations
 
@@ -30,7 +31,15 @@ def adapter_settings(adapter: DictConfig | None) -> dict[str, Any] | None:
         return None
     settings = OmegaConf.to_container(adapter, resolve=True)
     settings.pop("method")
+    settings.pop("quantization", None)  # the base's, not PEFT's: see quantization_settings
     return settings
+
+
+def quantization_settings(adapter: DictConfig | None) -> dict[str, Any] | None:
+    """`BitsAndBytesConfig` keys of a 4-bit base (conf/adapter/qlora.yaml); None: a full-precision base."""
+    if not adapter or adapter.get("method") is None or not adapter.get("quantization"):
+        return None
+    return OmegaConf.to_container(adapter.quantization, resolve=True)
 
 
 def apply_adapter(model: PreTrainedModel, adapter: dict[str, Any] | None, task_type: str) -> nn.Module:

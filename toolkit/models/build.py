@@ -32,14 +32,20 @@ def build_model(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     pad_token_id: int | None = None,
+    attn_implementation: str | None = None,
+    quantization_config: Any = None,
+    device_map: Any = None,
     **model_kwargs: Any,
 ) -> PreTrainedModel:
     """`auto_class.from_pretrained(name_or_path)`, or `from_config` when `config` (with model_type) is given.
 
     `config` builds a randomly initialised model (tiny test models, training from scratch); `model_kwargs`
-    go to both paths (e.g. num_labels for a classification head).
+    go to both paths (e.g. num_labels for a classification head). `attn_implementation` (None: transformers'
+    default, sdpa where the model has it) goes to both; `quantization_config` (a `BitsAndBytesConfig`, QLoRA's
+    4-bit base) quantizes pretrained weights as they load, on `device_map`.
     """
     weights_dtype = torch_dtype(dtype)
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if trust_remote_code:
         log.warning(
             "model.trust_remote_code=true: code shipped with '%s' will run on this machine", name_or_path
@@ -49,12 +55,25 @@ def build_model(
         model_kwargs.pop("ignore_mismatched_sizes", None)  # a loading option: meaningless for a fresh model
         if "model_type" not in config:
             raise ToolkitError("model.config needs a model_type (e.g. llama, bert, gpt2, vit)")
+        if quantization_config is not None:
+            raise ToolkitError(
+                "a 4-bit base (adapter=qlora) quantizes pretrained weights; model.config builds "
+                "a random one: set model.name_or_path to a model directory and model.config=null"
+            )
         hf_config = AutoConfig.for_model(config.pop("model_type"), **config, **model_kwargs)
-        model = auto_class.from_config(hf_config, dtype=weights_dtype, trust_remote_code=trust_remote_code)
+        model = auto_class.from_config(
+            hf_config, dtype=weights_dtype, trust_remote_code=trust_remote_code, **attention
+        )
     else:
         check_source(name_or_path)
+        if quantization_config is not None:
+            model_kwargs.update(quantization_config=quantization_config, device_map=device_map)
         model = auto_class.from_pretrained(
-            name_or_path, dtype=weights_dtype, trust_remote_code=trust_remote_code, **model_kwargs
+            name_or_path,
+            dtype=weights_dtype,
+            trust_remote_code=trust_remote_code,
+            **attention,
+            **model_kwargs,
         )
     if pad_token_id is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = pad_token_id  # classification heads find the last real token by it

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from toolkit.data.preference import FORMATS as PREFERENCE_FORMATS
 from toolkit.data.preference import PreferenceData
 from toolkit.errors import ToolkitError
-from toolkit.models.adapters import adapter_settings
+from toolkit.models.adapters import adapter_settings, quantization_settings
 from toolkit.tasks.base import Task
 from toolkit.tasks.preference import LOSSES, Preference
 from toolkit.training.module import TaskModule
@@ -79,15 +79,21 @@ def model_kwargs(cfg: DictConfig, pad_token_id: int | None) -> dict[str, Any]:
         "dtype": m.dtype,
         "trust_remote_code": m.trust_remote_code,
         "pad_token_id": pad_token_id,
+        "attn_implementation": m.get("attn_implementation"),
     }
 
 
-def build_module(cfg: DictConfig, task: Task, pad_token_id: int | None, total_steps: int = 0) -> TaskModule:
-    adapter = adapter_settings(cfg.adapter)
+def build_module(
+    cfg: DictConfig, task: Task, pad_token_id: int | None, total_steps: int = 0, training: bool = True
+) -> TaskModule:
+    """The recipe's TaskModule. `training=False` (export, evaluation) builds the base in full precision and
+    without activation checkpointing: QLoRA's adapter is merged into the weights users deploy."""
     return TaskModule(
         task,
         model=model_kwargs(cfg, pad_token_id),
-        adapter=adapter,
+        adapter=adapter_settings(cfg.adapter),
+        quantization=quantization_settings(cfg.adapter) if training else None,
+        activation_checkpointing=training and bool(cfg.model.get("activation_checkpointing")),
         optimizer=instantiate(cfg.optim),
         scheduler=instantiate(cfg.scheduler) if cfg.scheduler else None,
         total_steps=total_steps,

@@ -92,7 +92,7 @@ def export_stage(cfg: DictConfig, run_dir: Path) -> None:
     """Checkpoint -> export/adapter (PEFT) and export/model (merged or full model + the data's processor:
     tokenizer, image processor or item vocabulary)."""
     data, task = build_data_and_task(cfg)
-    module = build_module(cfg, task, data.pad_token_id)
+    module = build_module(cfg, task, data.pad_token_id, training=False)
     module.configure_model()
     load_weights(module, find_checkpoint(run_dir))
     model, processor = module.model, data.processor  # the processor first: image data reads its labels

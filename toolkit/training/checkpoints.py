@@ -100,8 +100,12 @@ def check_checkpoint(checkpoint: Path) -> None:
 def load_weights(module: L.LightningModule, checkpoint: Path) -> None:
     """Load a checkpoint into a built module (adapter checkpoints may hold only the adapters)."""
     state = read_state_dict(checkpoint)
-    missing, unexpected = module.load_state_dict(state, strict=False)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    if getattr(module, "adapter_only_checkpoints", False):
+        # the base comes from its source; a sharded checkpoint mirrors the whole training module, whose base
+        # may have been 4-bit (QLoRA) while this one is built in full precision to be merged into
+        state = {k: v for k, v in state.items() if k in trainable}
+    missing, unexpected = module.load_state_dict(state, strict=False)
     if unexpected or (set(missing) & trainable):
         raise ToolkitError(
             f"checkpoint {checkpoint} does not match the model "

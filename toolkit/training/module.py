@@ -21,6 +21,7 @@ from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.models.adapters import apply_adapter, is_adapter, trainable_summary
 from toolkit.models.build import build_model
+from toolkit.models.qlora import four_bit_config, prepare_four_bit
 from toolkit.tasks.base import Task, compute_metrics, eval_forward, model_inputs
 from toolkit.training.reference import (
     attach_reference_logps,
@@ -45,23 +46,36 @@ def build_optimizer(
     return factory(params)
 
 
+def check_checkpointing(model: PreTrainedModel) -> None:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ToolkitError(
+            f"model.activation_checkpointing=true: {type(model).__name__} does not support activation "
+            "checkpointing (its blocks cannot be recomputed); set model.activation_checkpointing=false"
+        )
+
+
 class TaskModule(L.LightningModule):
     def __init__(
         self,
         task: Task,
         model: dict[str, Any] | None = None,
         adapter: dict[str, Any] | None = None,
+        quantization: dict[str, Any] | None = None,
+        activation_checkpointing: bool = False,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         total_steps: int = 0,
         prebuilt: torch.nn.Module | None = None,
         on_nonfinite_loss: str = "stop",
     ) -> None:
-        """`model`: kwargs of `build_model`; `adapter`: LoraConfig kwargs or None; `prebuilt`: a model to
-        wrap as is (evaluation of an exported model); `on_nonfinite_loss`: stop | skip (the batch)."""
+        """`model`: kwargs of `build_model`; `adapter`: LoraConfig kwargs or None; `quantization`:
+        BitsAndBytesConfig kwargs of a 4-bit base (QLoRA) or None; `activation_checkpointing`: recompute each
+        block's activations in backward; `prebuilt`: a model to wrap as is (evaluation of an exported model);
+        `on_nonfinite_loss`: stop | skip (the batch)."""
         super().__init__()
         self.on_nonfinite_loss, self.skipped_batches = on_nonfinite_loss, 0
         self.task, self.model_kwargs, self.adapter = task, model or {}, adapter
+        self.quantization, self.activation_checkpointing = quantization, activation_checkpointing
         self.optimizer_factory, self.scheduler_factory, self.total_steps = optimizer, scheduler, total_steps
         self.model: torch.nn.Module | None = prebuilt
         self._block_names: list[str] = []  # the transformer blocks: what sharded strategies shard
@@ -90,7 +104,7 @@ class TaskModule(L.LightningModule):
             device = strategy.root_device
             with torch.random.fork_rng(devices=[device.index] if device.type == "cuda" else []):
                 self.task.reference = freeze(build())
-        base = build()
+        base = self._build_base(build, strategy)
         if getattr(self.task, "uses_reference", False):
             disable_dropout(base)  # the reference never trains: the two must agree before any step
         if self.keeps_frozen_reference and self.task.reference is None:
@@ -100,12 +114,25 @@ class TaskModule(L.LightningModule):
         # from_pretrained returns eval mode (dropout off) and Lightning keeps the mode it finds
         self.model.train()
         trainable, total = trainable_summary(self.model)  # before sharding: whole-model counts
-        if hasattr(strategy, "shard"):
-            strategy.shard(self.model, self._block_names)
+        if self.activation_checkpointing:
+            check_checkpointing(base)
+        if hasattr(strategy, "shard"):  # FSDP2 checkpoints each block itself, inside its sharding unit
+            strategy.shard(self.model, self._block_names, checkpoint_blocks=self.activation_checkpointing)
+        elif self.activation_checkpointing:
+            base.activation_checkpointing_enable({"use_reentrant": False})
         if self._trainer is not None and self._trainer.is_global_zero:  # once, when training
             console.print(
                 f"[bold]trainable parameters[/]: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"
             )
+
+    def _build_base(self, build: Callable[..., PreTrainedModel], strategy: Any) -> PreTrainedModel:
+        """The HF model; QLoRA's is quantized as it loads (on this rank's device), then prepared."""
+        if not self.quantization:
+            return build()
+        precision = self._trainer.precision if self._trainer is not None else "32-true"
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        config = four_bit_config(self.quantization, precision)
+        return prepare_four_bit(build(quantization_config=config, device_map={"": str(device)}))
 
     @property
     def keeps_frozen_reference(self) -> bool:

@@ -21,8 +21,10 @@ from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 from lightning.pytorch.strategies import DeepSpeedStrategy as LightningDeepSpeedStrategy
 from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from toolkit.errors import ToolkitError
+from toolkit.models.qlora import four_bit_params
 from toolkit.training.checkpoints import save_directory_atomically
 
 
@@ -208,8 +210,21 @@ class FSDP2Strategy(ModelParallelStrategy):
         return module
 
     def shard(
-        self, model: nn.Module, block_names: list[str], reshard_after_forward: bool | None = None
+        self,
+        model: nn.Module,
+        block_names: list[str],
+        reshard_after_forward: bool | None = None,
+        checkpoint_blocks: bool = False,
     ) -> None:
+        """`fully_shard` each block, then the root. `checkpoint_blocks`: activation checkpointing per block,
+        hook-based (torch's composable `checkpoint`), so parameter names stay as PEFT and DCP know them; FSDP2
+        gathers a block's shards again for its recompute.
+
+        QLoRA's 4-bit weights stay whole on every rank (`ignored_params`): their quantization state lives
+        beside the tensor, so a shard of one could not be dequantized. Everything else is sharded: LoRA
+        weights, their gradients and optimizer states, and the unquantized embeddings, norms and head.
+        """
+        from torch.distributed._composable import checkpoint
         from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
         reshard = self.reshard_after_forward if reshard_after_forward is None else reshard_after_forward
@@ -217,12 +232,17 @@ class FSDP2Strategy(ModelParallelStrategy):
         if self.cpu_offload:
             # pinned host memory speeds copies to an accelerator; on CPU ranks there is nothing to pin for
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.root_device.type != "cpu")
+        four_bit = set(four_bit_params(model))
+        if four_bit:
+            kwargs["ignored_params"] = four_bit
         blocks = [m for m in model.modules() if type(m).__name__ in set(block_names)]
         if not blocks:
             raise ToolkitError(
                 f"FSDP2 found no transformer blocks ({block_names}) to shard in {type(model).__name__}"
             )
         for block in blocks:
+            if checkpoint_blocks and isinstance(block, GradientCheckpointingLayer):
+                checkpoint(block)  # not ViT's embeddings, also listed among its blocks
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
 
