@@ -12,7 +12,6 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from toolkit.models.adapters import is_adapter
 from toolkit.run.build import build_data_and_task, build_module
 from toolkit.run.pipeline import run_pipeline
 from toolkit.tasks.base import model_inputs
