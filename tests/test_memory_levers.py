@@ -16,6 +16,7 @@ from toolkit.run.build import build_data_and_task, build_module
 from toolkit.run.pipeline import run_pipeline
 from toolkit.tasks.base import model_inputs
 from toolkit.training.checkpoints import read_state_dict
+from toolkit.training.memory import estimate, held_states
 
 from .helpers import TINY_SFT, compose_config, train
 
@@ -217,3 +218,56 @@ def test_bitsandbytes_optimizer_under_deepspeed_zero2(tmp_path, base_dir):
     assert len(losses) == 3 and losses[-1] < losses[0]
     state = read_state_dict(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert any("lora_B" in k for k in state)
+
+
+class HeldStates(L.Callback):
+    """The bytes held at the second optimizer step: gradients present, the first step's optimizer state."""
+
+    def __init__(self) -> None:
+        self.states = None
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if trainer.global_step == 1:
+            self.states = held_states(module.model, optimizer)
+
+
+SMOLLM2 = [
+    "recipe=nlp/smollm2_lora_sft",
+    "data.max_train_examples=8",
+    "data.max_eval_examples=4",
+    "data.batch_size=2",
+    "data.max_length=64",
+]
+
+
+@pytest.mark.parametrize(
+    "levers",
+    [
+        pytest.param(["adapter=lora"], id="lora"),
+        pytest.param(["adapter=qlora"], id="qlora"),
+        pytest.param(
+            ["adapter=qlora", "model.activation_checkpointing=true", "optim=adamw_8bit"], id="qlora-ac-8bit"
+        ),
+        pytest.param(["adapter=none", "optim=adamw_8bit"], id="full-8bit"),
+    ],
+)
+def test_estimated_model_states_match_the_tensors_held_in_training(levers):
+    """SmolLM2-135M (the real checkpoint): the estimator's parameter, gradient and optimizer bytes against the
+    tensors a training process holds, each within 10%."""
+    cfg = compose_config([*SMOLLM2, *levers])
+    estimated = estimate(cfg)["single"]
+    module, data = built_module(cfg)
+    spy = HeldStates()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[spy],
+    )
+    trainer.fit(module, datamodule=data)
+    held = spy.states
+    for kind in ("parameters", "gradients", "optimizer"):
+        assert getattr(held, kind) == pytest.approx(estimated[kind], rel=0.10), kind

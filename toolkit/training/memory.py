@@ -3,11 +3,20 @@
     toolkit-estimate recipe=nlp/llama3_8b_lora_sft trainer.devices=8 trainer.num_nodes=2 \
         [estimate.device_memory_gb=80]
 
-Model states are exact counts from the model built on the meta device (no weights are loaded):
-parameters, gradients of the trainable ones, AdamW's two fp32 moments (plus an fp32 master copy when the
-weights are not fp32), each divided by the ranks that shard it. Activations are a rough term from
-Korthikanti et al. (2022), s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, without activation checkpointing
-(s: tokens, or a ViT's patches + [CLS]); the seed MLP keeps each layer's input and ReLU output instead.
+Model states are exact counts from the model built on the meta device (no weights are loaded), each
+divided by the ranks that shard it:
+- parameters: in the model's dtype; QLoRA's 4-bit linear weights at NF4's 0.5 bytes plus their block scales
+  (0.516 bytes with double quantization), the layers it leaves unquantized in fp32 (PEFT's preparation);
+  FSDP2 keeps the 4-bit weights whole on every rank;
+- gradients: of the trainable parameters, in their dtype (PEFT keeps LoRA weights in fp32);
+- optimizer: two fp32 moments per trainable parameter (8 bytes), bitsandbytes' 8-bit ones in 2 bytes plus
+  one fp32 scale per 256 (tensors of min_8bit_size elements or more), SGD's momentum 4; plus an fp32 master
+  copy of trainable weights that are not fp32.
+Activations are a rough term from Korthikanti et al. (2022), s*b*h*(34 + 5*a*s/h) bytes per layer in
+16-bit (s: tokens, or a ViT's patches + [CLS]); with activation checkpointing each layer keeps only its
+input (2*s*b*h) and one layer's full activations live during its recompute. Causal LMs add their logits
+(s*b*vocab in the compute dtype plus the fp32 copy the loss takes). The seed MLP keeps each layer's input
+and ReLU output instead.
 
 Nothing is downloaded when the recipe can say what the model is: its config comes from model.config, else a
 local directory's config.json, else model.architecture (the published config of a hub model, in its
@@ -28,9 +37,9 @@ from transformers import AutoConfig, PretrainedConfig
 
 from toolkit.console import console
 from toolkit.errors import ToolkitError
-from toolkit.models.adapters import adapter_settings, apply_adapter
+from toolkit.models.adapters import adapter_settings, apply_adapter, quantization_settings
 from toolkit.models.build import check_source as check_source
-from toolkit.models.build import torch_dtype
+from toolkit.models.build import linear_layers, torch_dtype
 from toolkit.tasks.base import Task
 
 GB = 1024**3
@@ -52,11 +61,13 @@ SHARDING = {
 
 @dataclass
 class ModelStates:
-    """Whole-model bytes of each kind of state (before sharding)."""
+    """Whole-model bytes of each kind of state (before sharding); `unsharded`: the part of `parameters` no
+    strategy shards (QLoRA's 4-bit weights)."""
 
-    parameters: int
-    gradients: int
-    optimizer: int
+    parameters: float
+    gradients: float
+    optimizer: float
+    unsharded: float = 0.0
 
 
 def model_config(cfg: DictConfig, **model_kwargs: Any) -> PretrainedConfig:
@@ -107,17 +118,78 @@ def _from_hub(source: str, model_kwargs: dict) -> PretrainedConfig:
 def count_states(cfg: DictConfig, task: Task, hf_config: PretrainedConfig) -> tuple[ModelStates, int, int]:
     """Build the model (and adapter) on the meta device; returns states and (total, trainable) counts."""
     dtype = torch_dtype(cfg.model.dtype)
+    quantization = quantization_settings(cfg.adapter)
     with torch.device("meta"):
         model = task.auto_class.from_config(hf_config, dtype=dtype)
-        adapter = adapter_settings(cfg.adapter)
-        model = apply_adapter(model, adapter, task.peft_task_type)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    grad_bytes = sum(p.numel() * p.element_size() for p in trainable)
-    master = 0 if dtype == torch.float32 else 4  # fp32 master weights beside 16-bit ones
-    return ModelStates(weight_bytes, grad_bytes, n_trainable * (8 + master)), total, n_trainable
+        four_bit = {id(m.weight) for m in quantized_linears(model)} if quantization else set()
+        model = apply_adapter(model, adapter_settings(cfg.adapter), task.peft_task_type)
+    params = list(model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    # after PEFT's k-bit preparation everything but the 4-bit weights is fp32
+    other = (lambda p: 4) if quantization else (lambda p: p.element_size())
+    four_bit_bytes = sum(p.numel() for p in params if id(p) in four_bit) * nf4_bytes_per_weight(quantization)
+    weights = four_bit_bytes + sum(p.numel() * other(p) for p in params if id(p) not in four_bit)
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    master = sum(4 * p.numel() for p in trainable if p.dtype != torch.float32)  # fp32 beside 16-bit weights
+    optimizer = sum(optimizer_state_bytes(cfg.optim, p.numel()) for p in trainable) + master
+    total, n_trainable = sum(p.numel() for p in params), sum(p.numel() for p in trainable)
+    return ModelStates(weights, grads, optimizer, four_bit_bytes), total, n_trainable
+
+
+def held_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> ModelStates:
+    """The bytes a training process really holds, to check `count_states` against: every parameter (a 4-bit
+    weight with its quantization state), every gradient, every optimizer state tensor (each storage once:
+    bitsandbytes shares its quantization maps between tensors)."""
+    seen: set[int] = set()
+
+    def size(tensors: Any) -> int:
+        total = 0
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                total += t.untyped_storage().nbytes()
+        return total
+
+    params = list(model.parameters())
+    quant_states = [p.quant_state for p in params if getattr(p, "quant_state", None) is not None]
+    scales = [t for q in quant_states for t in (q.absmax, q.code, q.offset, *_nested(q))]
+    return ModelStates(
+        parameters=size(p.data for p in params) + size(scales),
+        gradients=size(p.grad for p in params),
+        optimizer=size(t for state in optimizer.state.values() for t in state.values()),
+    )
+
+
+def _nested(quant_state: Any) -> tuple:
+    nested = getattr(quant_state, "state2", None)
+    return (nested.absmax, nested.code) if nested is not None else ()
+
+
+def quantized_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers transformers' bitsandbytes integration turns into 4-bit ones: every linear layer except
+    those it keeps (the output head, tied weights)."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    keep = set(get_keys_to_not_convert(model))
+    return [m for name, m in linear_layers(model, conv1d=True) if not any(k in name.split(".") for k in keep)]
+
+
+def nf4_bytes_per_weight(quantization: dict | None) -> float:
+    """A 4-bit weight with one absmax per block of 64: fp32 absmax, or (double quantization) an 8-bit one
+    with an fp32 scale per 256 absmax."""
+    if not quantization:
+        return 0.0
+    return 0.5 + (1 / 64 + 4 / (64 * 256) if quantization.get("bnb_4bit_use_double_quant") else 4 / 64)
+
+
+def optimizer_state_bytes(optim: DictConfig, numel: int) -> float:
+    """The optimizer's state for one trainable tensor of `numel` elements."""
+    name = optim._target_.rsplit(".", 1)[-1]
+    if name.endswith("8bit"):  # bitsandbytes: two uint8 moments and an fp32 absmax each per 256 values
+        return numel * (2 + 8 / 256) if numel >= optim.get("min_8bit_size", 4096) else numel * 8
+    if name == "SGD":
+        return numel * 4 if optim.get("momentum") else 0
+    return numel * 8  # Adam's two fp32 moments
 
 
 def positions(cfg: DictConfig, hf_config: PretrainedConfig) -> int:
@@ -128,7 +200,7 @@ def positions(cfg: DictConfig, hf_config: PretrainedConfig) -> int:
     return (hf_config.image_size // patch) ** 2 + 1 if patch else 1
 
 
-def activation_bytes(cfg: DictConfig, hf_config: PretrainedConfig) -> int:
+def activation_bytes(cfg: DictConfig, hf_config: PretrainedConfig, causal_lm: bool = False) -> int:
     """Rough activations of one micro-batch per device (16-bit; doubled for 32-bit training)."""
     s, b = positions(cfg, hf_config), cfg.data.batch_size
     scale = 2 if str(cfg.trainer.precision).startswith("32") else 1
@@ -139,15 +211,21 @@ def activation_bytes(cfg: DictConfig, hf_config: PretrainedConfig) -> int:
     h = getattr(hf_config, "hidden_size", 0)
     layers, heads = getattr(hf_config, "num_hidden_layers", 0), getattr(hf_config, "num_attention_heads", 1)
     per_layer = s * b * h * (34 + 5 * heads * s / max(h, 1))
-    return int(layers * per_layer * scale)
+    if cfg.model.get("activation_checkpointing"):
+        blocks = layers * 2 * s * b * h + per_layer  # block inputs, and one block during its recompute
+    else:
+        blocks = layers * per_layer
+    logits = s * b * getattr(hf_config, "vocab_size", 0) * (2 * scale + 4) if causal_lm else 0
+    return int(blocks * scale + logits)
 
 
 def per_device(states: ModelStates, strategy: str, ranks: int) -> dict[str, float]:
     sharded, offloaded = SHARDING[strategy]
     out = {}
     for kind in ("parameters", "gradients", "optimizer"):
-        value = getattr(states, kind)
-        out[kind] = 0.0 if kind in offloaded else value / (ranks if kind in sharded else 1)
+        whole = states.unsharded if kind == "parameters" else 0.0
+        value = getattr(states, kind) - whole
+        out[kind] = 0.0 if kind in offloaded else value / (ranks if kind in sharded else 1) + whole
     return out
 
 
@@ -158,7 +236,7 @@ def estimate(cfg: DictConfig) -> dict[str, dict[str, float]]:
     hf_config = model_config(cfg, **task.model_kwargs())
     states, total, trainable = count_states(cfg, task, hf_config)
     ranks = (cfg.trainer.devices if isinstance(cfg.trainer.devices, int) else 1) * cfg.trainer.num_nodes
-    activations = activation_bytes(cfg, hf_config)
+    activations = activation_bytes(cfg, hf_config, causal_lm=task.peft_task_type == "CAUSAL_LM")
     rows = {}
     for strategy in SHARDING:
         row = per_device(states, strategy, 1 if strategy == "single" else ranks)
