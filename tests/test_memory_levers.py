@@ -271,3 +271,25 @@ def test_estimated_model_states_match_the_tensors_held_in_training(levers):
     held = spy.states
     for kind in ("parameters", "gradients", "optimizer"):
         assert getattr(held, kind) == pytest.approx(estimated[kind], rel=0.10), kind
+
+
+@pytest.fixture(scope="module")
+def single_qlora_losses(tmp_path_factory, base_dir) -> list[float]:
+    return train(tmp_path_factory.mktemp("qlora") / "run", base_dir, "adapter=qlora", "data.batch_size=16")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_qlora_on_two_ranks_matches_one_and_exports(strategy, tmp_path, base_dir, single_qlora_losses):
+    """Each rank quantizes the same pretrained weights alike; FSDP2 shards all but the 4-bit weights."""
+    run_dir = tmp_path / "run"
+    losses = train(
+        run_dir, base_dir, "adapter=qlora", f"strategy={strategy}", "trainer.devices=2", "data.batch_size=8"
+    )
+    torch.testing.assert_close(losses, single_qlora_losses, rtol=0, atol=1e-4)
+    merged = AutoModelForSequenceClassification.from_pretrained(run_dir / "export" / "model")
+    assert getattr(merged.config, "quantization_config", None) is None
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=2)
+    adapted = PeftModel.from_pretrained(base, run_dir / "export" / "adapter").eval()
+    ids = torch.tensor([[101, 2307, 3185, 102]])
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits, merged.eval()(input_ids=ids).logits)

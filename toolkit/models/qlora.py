@@ -25,12 +25,35 @@ def compute_dtype(precision: Any) -> torch.dtype:
     return torch.float32
 
 
-def four_bit_config(settings: dict[str, Any], precision: Any) -> BitsAndBytesConfig:
-    """`BitsAndBytesConfig(**settings)`; a null compute dtype or quant storage takes the trainer's precision
-    and bitsandbytes' default (uint8) respectively."""
+def four_bit_config(
+    settings: dict[str, Any], precision: Any, trained_whole: list[str] | None = None
+) -> BitsAndBytesConfig:
+    """`BitsAndBytesConfig(**settings)`. A null compute dtype takes the trainer's precision, a null quant
+    storage bitsandbytes' default (uint8); `trained_whole` (the adapter's modules_to_save) joins the modules
+    left unquantized: a layer that trains must keep full-precision weights."""
     settings = {k: v for k, v in settings.items() if v is not None}
     settings.setdefault("bnb_4bit_compute_dtype", compute_dtype(precision))
+    settings["llm_int8_skip_modules"] = unquantized_modules(settings, trained_whole)
     return BitsAndBytesConfig(**settings)
+
+
+def unquantized_modules(settings: dict[str, Any], trained_whole: list[str] | None) -> list[str]:
+    """Name patterns of the linear layers that stay in full precision (transformers' matching: a prefix, a
+    regex or a suffix of the module name)."""
+    return [*(settings.get("llm_int8_skip_modules") or []), *(trained_whole or [])]
+
+
+def four_bit_linears(model: nn.Module, patterns: list[str]) -> list[nn.Module]:
+    """The linear layers transformers' bitsandbytes integration converts to 4-bit under `patterns`."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    kinds = (nn.Linear, Conv1D)
+    return [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, kinds) and should_convert_module(name, patterns)
+    ]
 
 
 def prepare_four_bit(model: nn.Module) -> nn.Module:

@@ -39,8 +39,10 @@ from toolkit.console import console
 from toolkit.errors import ToolkitError
 from toolkit.models.adapters import adapter_settings, apply_adapter, quantization_settings
 from toolkit.models.build import check_source as check_source
-from toolkit.models.build import linear_layers, torch_dtype
+from toolkit.models.build import torch_dtype
+from toolkit.models.qlora import four_bit_linears, unquantized_modules
 from toolkit.tasks.base import Task
+from toolkit.training.strategies import strategy_kind
 
 GB = 1024**3
 
@@ -121,8 +123,10 @@ def count_states(cfg: DictConfig, task: Task, hf_config: PretrainedConfig) -> tu
     quantization = quantization_settings(cfg.adapter)
     with torch.device("meta"):
         model = task.auto_class.from_config(hf_config, dtype=dtype)
-        four_bit = {id(m.weight) for m in quantized_linears(model)} if quantization else set()
-        model = apply_adapter(model, adapter_settings(cfg.adapter), task.peft_task_type)
+        adapter = adapter_settings(cfg.adapter)
+        unquantized = unquantized_modules(quantization or {}, (adapter or {}).get("modules_to_save"))
+        four_bit = {id(m.weight) for m in four_bit_linears(model, unquantized)} if quantization else set()
+        model = apply_adapter(model, adapter, task.peft_task_type)
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
     # after PEFT's k-bit preparation everything but the 4-bit weights is fp32
@@ -163,15 +167,6 @@ def held_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Mod
 def _nested(quant_state: Any) -> tuple:
     nested = getattr(quant_state, "state2", None)
     return (nested.absmax, nested.code) if nested is not None else ()
-
-
-def quantized_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The layers transformers' bitsandbytes integration turns into 4-bit ones: every linear layer except
-    those it keeps (the output head, tied weights)."""
-    from transformers.quantizers.base import get_keys_to_not_convert
-
-    keep = set(get_keys_to_not_convert(model))
-    return [m for name, m in linear_layers(model, conv1d=True) if not any(k in name.split(".") for k in keep)]
 
 
 def nf4_bytes_per_weight(quantization: dict | None) -> float:
@@ -229,7 +224,7 @@ def per_device(states: ModelStates, strategy: str, ranks: int) -> dict[str, floa
     return out
 
 
-def estimate(cfg: DictConfig) -> dict[str, dict[str, float]]:
+def estimate(cfg: DictConfig, describe: bool = True) -> dict[str, dict[str, float]]:
     task = instantiate(cfg.task)
     if hasattr(task, "bind"):  # the model's shape comes from the data (next-item: the item vocabulary)
         task.bind(instantiate(cfg.data))
@@ -243,11 +238,28 @@ def estimate(cfg: DictConfig) -> dict[str, dict[str, float]]:
         row["activations"] = activations
         row["total"] = sum(row.values())
         rows[strategy] = row
-    console.print(
-        f"{total:,} parameters, {trainable:,} trainable; {ranks} ranks; "
-        f"micro-batch {cfg.data.batch_size} x {positions(cfg, hf_config)} positions"
-    )
+    if describe:
+        console.print(
+            f"{total:,} parameters, {trainable:,} trainable; {ranks} ranks; "
+            f"micro-batch {cfg.data.batch_size} x {positions(cfg, hf_config)} positions"
+        )
     return rows
+
+
+def levers(cfg: DictConfig) -> list[str]:
+    """Overrides that cut a recipe's memory and that it does not use yet, cheapest in quality first:
+    recomputing activations, 8-bit optimizer states, an adapter instead of full fine-tuning, a 4-bit base.
+    Each is left out where the recipe's strategy or model refuses it (see toolkit.checks)."""
+    kind = strategy_kind(cfg.strategy)
+    method = cfg.adapter.get("method") if cfg.adapter else None
+    out = [] if cfg.model.get("activation_checkpointing") else ["model.activation_checkpointing=true"]
+    if cfg.optim._target_ == "torch.optim.AdamW" and kind != "fsdp2":
+        out.append("optim=adamw_8bit")
+    if method is None:
+        out.append("adapter=lora")
+    if method in (None, "lora") and cfg.model.config is None and kind != "deepspeed":
+        out.append("adapter=qlora")
+    return out
 
 
 def table(rows: dict[str, dict[str, float]], selected: str, device_gb: float | None) -> Table:

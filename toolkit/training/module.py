@@ -131,7 +131,7 @@ class TaskModule(L.LightningModule):
             return build()
         precision = self._trainer.precision if self._trainer is not None else "32-true"
         device = strategy.root_device if strategy is not None else torch.device("cpu")
-        config = four_bit_config(self.quantization, precision)
+        config = four_bit_config(self.quantization, precision, (self.adapter or {}).get("modules_to_save"))
         return prepare_four_bit(build(quantization_config=config, device_map={"": str(device)}))
 
     @property
