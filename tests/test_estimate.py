@@ -199,3 +199,75 @@ def test_a_hub_model_without_a_config_here_is_one_line(recipe, monkeypatch, caps
     code, out, err = run_estimate(args, monkeypatch, capsys)
     assert code == 2
     assert err.strip().splitlines() == [UNKNOWN_MODEL_ERROR]
+
+
+# --- the memory levers -----------------------------------------------------------------------------------
+
+LLAMA3_8B = 8_030_261_248
+LLAMA3_70B = 70_553_706_496  # the published count, from the numbers in conf/model/llama3_70b_instruct.yaml
+
+
+def test_llama3_8b_qlora_recipe_fits_one_24_gb_device(monkeypatch, capsys):
+    """4-bit linear weights (0.516 bytes each with double quantization), the unquantized embeddings and
+    head in fp32 (PEFT's k-bit preparation), checkpointed activations at 2,048 tokens: under 24 GiB."""
+    code, out, err = run_estimate(
+        ["recipe=nlp/llama3_8b_qlora_sft", "estimate.device_memory_gb=24"], monkeypatch, capsys
+    )
+    assert code == 0, err[-2000:]
+    single = printed_rows(out)["single"]
+    embeddings = 2 * 128256 * 4096  # input embeddings and the untied head
+    norms = 4096 * (2 * 32 + 1)
+    four_bit = LLAMA3_8B - embeddings - norms
+    lora = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    nf4 = 0.5 + 1 / 64 + 4 / (64 * 256)
+    assert single[0] == pytest.approx((four_bit * nf4 + (embeddings + norms + lora) * 4) / GB, abs=1e-3)
+    assert single[2] == pytest.approx(lora * (2 + 8 / 256) / GB, abs=1e-3)  # paged 8-bit AdamW
+    assert single[4] <= 24 and "does not fit" not in out
+
+
+def test_llama3_70b_qlora_fsdp2_recipe_fits_two_80_gb_devices(monkeypatch, capsys):
+    code, out, err = run_estimate(
+        ["recipe=nlp/llama3_70b_qlora_fsdp2", "estimate.device_memory_gb=80"], monkeypatch, capsys
+    )
+    assert code == 0, err[-2000:]
+    assert (
+        f"{LLAMA3_70B + 80 * 16 * (2 * (8192 + 8192) + 2 * (8192 + 1024) + 3 * (8192 + 28672)):,} parameters"
+        in out
+    )
+    rows = printed_rows(out)
+    assert rows["fsdp2"][4] <= 80 < rows["single"][4] + 80  # fits each of the 2 devices
+    # the 4-bit weights stay whole on each rank: FSDP2 halves only the rest
+    embeddings = 2 * 128256 * 8192
+    four_bit_gb = (LLAMA3_70B - embeddings - 8192 * (2 * 80 + 1)) * (0.5 + 1 / 64 + 4 / (64 * 256)) / GB
+    assert rows["fsdp2"][0] == pytest.approx(four_bit_gb + (rows["single"][0] - four_bit_gb) / 2, abs=1e-3)
+
+
+def test_estimate_names_the_levers_that_make_a_recipe_fit(monkeypatch, capsys):
+    args = ["recipe=nlp/llama3_8b_lora_sft", "data.max_length=2048", "data.batch_size=1"]
+    code, out, err = run_estimate([*args, "estimate.device_memory_gb=16"], monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    assert "ddp does not fit 16 GiB" in out
+    lines = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    assert [line[0] for line in lines] == [
+        "model.activation_checkpointing=true",
+        "optim=adamw_8bit",
+        "adapter=qlora",
+    ]
+    totals = [float(line[1]) for line in lines]
+    assert totals == sorted(totals, reverse=True) and totals[-1] <= 16 < totals[-2]
+    command = next(line for line in out.splitlines() if line.startswith("toolkit-train"))
+    assert command.endswith("model.activation_checkpointing=true optim=adamw_8bit adapter=qlora")
+    # and what it says is what a rerun with those overrides estimates
+    code, out, _ = run_estimate([*command.split()[1:], "estimate.device_memory_gb=16"], monkeypatch, capsys)
+    assert printed_rows(out)["ddp"][4] == pytest.approx(totals[-1], abs=0.01)
+
+
+def test_checkpointing_keeps_one_block_and_the_block_inputs():
+    cfg = compose_config(["recipe=nlp/llama3_8b_lora_sft", "data.max_length=2048", "data.batch_size=1"])
+    hf_config = memory.model_config(cfg)
+    s, h, layers, heads = 2048, 4096, 32, 32
+    block = s * h * (34 + 5 * heads * s / h)
+    logits = s * 128256 * (2 + 4)
+    assert memory.activation_bytes(cfg, hf_config, causal_lm=True) == int(layers * block + logits)
+    cfg.model.activation_checkpointing = True
+    assert memory.activation_bytes(cfg, hf_config, causal_lm=True) == int(layers * 2 * s * h + block + logits)

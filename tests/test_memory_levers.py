@@ -278,9 +278,10 @@ def single_qlora_losses(tmp_path_factory, base_dir) -> list[float]:
     return train(tmp_path_factory.mktemp("qlora") / "run", base_dir, "adapter=qlora", "data.batch_size=16")
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "deepspeed_zero2"])
 def test_qlora_on_two_ranks_matches_one_and_exports(strategy, tmp_path, base_dir, single_qlora_losses):
-    """Each rank quantizes the same pretrained weights alike; FSDP2 shards all but the 4-bit weights."""
+    """Each rank quantizes the same pretrained weights alike; FSDP2 shards all but the 4-bit weights, ZeRO-2
+    the LoRA gradients and optimizer states."""
     run_dir = tmp_path / "run"
     losses = train(
         run_dir, base_dir, "adapter=qlora", f"strategy={strategy}", "trainer.devices=2", "data.batch_size=8"

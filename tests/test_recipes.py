@@ -24,13 +24,15 @@ RECIPES = sorted(
 TINY_DATA = ["data.max_train_examples=16", "data.max_eval_examples=8", "data.batch_size=4"]
 
 
-def tiny_overrides(recipe: str, vit_dir: Path | None = None) -> list[str]:
-    """A model built from config in place of the recipe's (its real weights may need a hub), small data."""
+def tiny_overrides(recipe: str, vit_dir: Path | None = None, llama_dir: Path | None = None) -> list[str]:
+    """A model built from config in place of the recipe's (its real weights may need a hub), small data.
+    QLoRA quantizes pretrained weights: a tiny saved Llama stands in for its base."""
     cfg = compose_config([f"recipe={recipe}"])
     task = cfg.task._target_
     if task.endswith("CausalLM"):
+        quantized = cfg.adapter.get("quantization") is not None
         return [
-            TINY_LLAMA,
+            *([f"model.name_or_path={llama_dir}", "model.config=null"] if quantized else [TINY_LLAMA]),
             "model.tokenizer=${asset:smollm2_135m_instruct}",
             "model.dtype=float32",
             "task.max_new_tokens=2",
@@ -62,6 +64,8 @@ def test_the_recipes_are_all_found():
         "nlp/smollm2_orpo",
         "nlp/smollm2_kto",
         "nlp/llama3_8b_dpo",
+        "nlp/llama3_8b_qlora_sft",
+        "nlp/llama3_70b_qlora_fsdp2",
         "recsys/sasrec_movielens",
         "recsys/bert4rec_movielens",
         "vision/vit_fashion_mnist",
@@ -72,8 +76,9 @@ def test_the_recipes_are_all_found():
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_instantiates(recipe, tmp_path, tiny_vit_rgb_dir):
-    cfg = compose_config([f"recipe={recipe}", *tiny_overrides(recipe, tiny_vit_rgb_dir), *FAST])
+def test_recipe_instantiates(recipe, tmp_path, tiny_vit_rgb_dir, tiny_llama_dir):
+    overrides = tiny_overrides(recipe, tiny_vit_rgb_dir, tiny_llama_dir)
+    cfg = compose_config([f"recipe={recipe}", *overrides, *FAST])
     data, task = build_data_and_task(cfg)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -91,6 +96,7 @@ def test_recipe_instantiates(recipe, tmp_path, tiny_vit_rgb_dir):
     "recipe,shorter",
     [
         ("nlp/llama3_8b_lora_sft", []),
+        ("nlp/llama3_8b_qlora_sft", ["data.max_length=128"]),  # 4-bit base computing in bf16, checkpointed
         ("nlp/llama3_8b_dpo", ["data.max_length=192", "trainer.limit_val_batches=1"]),
         # rows of 4,096 tokens under bf16 autocast take minutes on a CPU: the same packing, shorter rows;
         # every stage the recipe lists (its lm-eval benchmarks need the hub: not here)
@@ -106,13 +112,13 @@ def test_recipe_instantiates(recipe, tmp_path, tiny_vit_rgb_dir):
         ),
     ],
 )
-def test_hub_recipe_runs_with_a_tiny_model(tmp_path, recipe, shorter):
+def test_hub_recipe_runs_with_a_tiny_model(tmp_path, recipe, shorter, tiny_llama_dir):
     """The Llama-3-8B recipes as written (DDP strategy, bf16-mixed, LoRA on all projections; the chat one on
     the packed ShareGPT mixture), tiny model."""
     cfg = compose_config(
         [
             f"recipe={recipe}",
-            *tiny_overrides(recipe),
+            *tiny_overrides(recipe, llama_dir=tiny_llama_dir),
             *FAST,
             "trainer.max_steps=2",
             "trainer.val_check_interval=2",

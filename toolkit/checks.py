@@ -94,10 +94,10 @@ def check_memory_levers(cfg: DictConfig) -> None:
                 "adapter=qlora quantizes pretrained weights but model.config builds a random model; set "
                 "model.name_or_path to a model directory or hub id and model.config=null"
             )
-        if kind == "deepspeed":
+        if kind == "deepspeed" and cfg.strategy.get("stage") == 3:
             raise ToolkitError(
-                "adapter=qlora cannot run under DeepSpeed (its engine casts and partitions the packed 4-bit "
-                "weights); use strategy=ddp or strategy=fsdp2"
+                "adapter=qlora cannot run under DeepSpeed ZeRO-3 (it partitions the weights as they load, "
+                "which a 4-bit load cannot be); use strategy=fsdp2 or deepspeed_zero2"
             )
     if cfg.optim._target_.startswith("bitsandbytes.") and kind == "fsdp2":
         raise ToolkitError(

@@ -220,7 +220,7 @@ def per_device(states: ModelStates, strategy: str, ranks: int) -> dict[str, floa
     for kind in ("parameters", "gradients", "optimizer"):
         whole = states.unsharded if kind == "parameters" else 0.0
         value = getattr(states, kind) - whole
-        out[kind] = 0.0 if kind in offloaded else value / (ranks if kind in sharded else 1) + whole
+        out[kind] = whole + (0.0 if kind in offloaded else value / (ranks if kind in sharded else 1))
     return out
 
 
@@ -257,7 +257,7 @@ def levers(cfg: DictConfig) -> list[str]:
         out.append("optim=adamw_8bit")
     if method is None:
         out.append("adapter=lora")
-    if method in (None, "lora") and cfg.model.config is None and kind != "deepspeed":
+    if method in (None, "lora") and cfg.model.config is None and cfg.strategy.get("stage") != 3:
         out.append("adapter=qlora")
     return out
 
