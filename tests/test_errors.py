@@ -73,7 +73,7 @@ CATALOGUE = {
     "unknown group option": Case(
         "config",
         ["recipe=quickstart", "adapter=lorra"],
-        "Could not find 'adapter/lorra'; available options in 'adapter': dora, lora, none",
+        "Could not find 'adapter/lorra'; available options in 'adapter': dora, lora, none, qlora",
     ),
     "malformed override": Case(
         "config",
@@ -218,6 +218,56 @@ CATALOGUE = {
         ],
         "on_nonfinite_loss=skip is not possible under DeepSpeed (its engine cannot skip an optimizer step); "
         "use on_nonfinite_loss=stop or another strategy",
+    ),
+    "unknown attention implementation": Case(
+        "memory",
+        ["recipe=quickstart", *TINY, "model.attn_implementation=fast"],
+        "model.attn_implementation='fast' is not supported; valid: null, sdpa, eager, flash_attention_2, "
+        "flex_attention",
+    ),
+    "flash attention without a GPU": Case(
+        "memory",
+        ["recipe=quickstart", *TINY, "model.attn_implementation=flash_attention_2"],
+        "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package (no GPU "
+        "here); use sdpa or eager",
+        cpu_only=True,
+    ),
+    "flex attention training on CPU": Case(
+        "memory",
+        ["recipe=quickstart", *TINY, "model.attn_implementation=flex_attention"],
+        "model.attn_implementation=flex_attention cannot train on CPU (torch has no FlexAttention backward "
+        "there); use sdpa or eager, or train on a GPU",
+        cpu_only=True,
+    ),
+    "QLoRA on a model built from config": Case(
+        "memory",
+        ["recipe=quickstart", *TINY, "adapter=qlora"],
+        "adapter=qlora quantizes pretrained weights but model.config builds a random model; set "
+        "model.name_or_path to a model directory or hub id and model.config=null",
+    ),
+    "QLoRA under ZeRO-3": Case(
+        "memory",
+        ["recipe=quickstart", "adapter=qlora", "strategy=deepspeed_zero3", "trainer.devices=2"],
+        "adapter=qlora cannot run under DeepSpeed ZeRO-3 (it partitions the weights as they load, which a "
+        "4-bit load cannot be); use strategy=fsdp2 or deepspeed_zero2",
+    ),
+    "8-bit optimizer under FSDP2": Case(
+        "memory",
+        ["recipe=quickstart", "optim=adamw_8bit", "strategy=fsdp2"],
+        "optim._target_=bitsandbytes.optim.AdamW8bit cannot step FSDP2's sharded parameters (bitsandbytes' "
+        "kernels take plain tensors, not DTensors); use optim=adamw with fsdp2, or a DeepSpeed strategy",
+    ),
+    "activation checkpointing on a model without it": Case(
+        "memory",
+        [
+            "recipe=vision/mlp_mnist_seed",
+            "model.activation_checkpointing=true",
+            "logger=none",
+            "trainer.max_steps=1",
+            "progress_bar=false",
+        ],  # fmt: skip
+        "model.activation_checkpointing=true: MLPForImageClassification does not support activation "
+        "checkpointing (its blocks cannot be recomputed); set model.activation_checkpointing=false",
     ),
     "more tasks than GPUs per node": Case(
         "slurm",

@@ -11,13 +11,21 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from toolkit.compress.quantize import quantize_model, save_quantized, weights_size_bytes
 from toolkit.errors import ToolkitError
 from toolkit.run.pipeline import run_pipeline
 
-from .helpers import copy_run, quantize_cfg, run_cli_line, toolkit_train
+from .helpers import (
+    TINY_LLAMA,
+    compose_config,
+    copy_run,
+    quantize_cfg,
+    run_cli_line,
+    save_tiny_pretrained,
+    toolkit_train,
+)
 
 CONFIGS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "quantize").glob("*.yaml"))
 CPU_CONFIGS = ["int8_dynamic", "int8_weight_only"]
@@ -180,19 +188,49 @@ def test_from_run_quantizes_an_earlier_run_through_the_cli(classifier_run, tmp_p
     assert "quantized" in json.loads((run_dir / "evaluate" / "metrics.json").read_text())
 
 
-def test_gpu_only_config_on_cpu_names_the_device(classifier_run, tmp_path, monkeypatch, capsys):
+def test_nf4_on_cpu_refuses_layers_its_kernel_cannot_pack(classifier_run, tmp_path, monkeypatch, capsys):
     if torch.cuda.is_available():
-        pytest.skip("this machine has the GPU nf4 needs")
+        pytest.skip("this machine has a GPU: nf4 quantizes there")
     run_dir = copy_run(classifier_run, tmp_path)
     code, line = run_cli_line(
         ["stages=[quantize]", f"from_run={run_dir}", "quantize=nf4"], monkeypatch, tmp_path, capsys
     )
     assert code == 2
     assert line == (
-        "error: quantize=nf4 needs a CUDA GPU (bitsandbytes 4-bit kernels); this machine has none. "
-        "On CPU use quantize=int8_dynamic or quantize=int8_weight_only"
+        "error: 4-bit quantization on CPU needs linear layers whose input width is a multiple of 64 "
+        "(bitsandbytes' CPU kernel); BertForSequenceClassification has widths [32]: quantize on a GPU, or "
+        "use quantize=int8_weight_only"
     )
     assert not (run_dir / "quantize").exists()
+
+
+def test_nf4_quantizes_on_cpu(tmp_path):
+    """A Llama whose widths bitsandbytes' CPU kernel packs: every projection 4-bit, outputs near fp32's (a
+    random init is harder on NF4 than trained weights, whose values are closer to normal)."""
+    import bitsandbytes as bnb
+    from transformers import LlamaForCausalLM
+
+    from toolkit.data.assets import asset_path
+
+    wide = TINY_LLAMA.replace("hidden_size:32", "hidden_size:128").replace(
+        "intermediate_size:64", "intermediate_size:256"
+    )
+    source = save_tiny_pretrained(
+        tmp_path / "llama", wide, LlamaForCausalLM, asset_path("smollm2_135m_instruct")
+    )
+    q = compose_config(["quantize=nf4"]).quantize
+    model = quantize_model(
+        source, AutoModelForCausalLM, instantiate(q.quantization_config), False, "cpu", q.dtype
+    )
+    projections = [m for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    assert projections and all(isinstance(m, bnb.nn.Linear4bit) for m in projections)
+    ids = torch.tensor([[1, 504, 2126, 314, 7, 9]])
+    with torch.no_grad():
+        quantized = model(input_ids=ids).logits
+        full = AutoModelForCausalLM.from_pretrained(source).eval()(input_ids=ids).logits
+    assert torch.isfinite(quantized).all()
+    assert not torch.equal(quantized, full)
+    assert torch.nn.functional.cosine_similarity(quantized.flatten(), full.flatten(), dim=0) > 0.97
 
 
 def test_from_run_without_an_export(classifier_run, tmp_path, monkeypatch, capsys):

@@ -124,9 +124,24 @@ def quantize_model(
     if not include_embeddings:
         embedding = None
     config = build_config(linears, embedding)
+    if device == "cpu" and getattr(config, "load_in_4bit", False):
+        check_4bit_cpu_widths(skeleton, linears)
     device_map = None if device == "cpu" else device
     load = {"quantization_config": config, "device_map": device_map, "dtype": load_dtype}
     return auto_class.from_pretrained(source, **load).eval()
+
+
+def check_4bit_cpu_widths(skeleton: PreTrainedModel, linears: list[str]) -> None:
+    """bitsandbytes' CPU inference kernel repacks each 4-bit weight by blocks of 64 input features: a layer
+    narrower or not a multiple of that fails at its first forward, so it is refused before anything loads."""
+    modules = dict(skeleton.named_modules())
+    widths = sorted({modules[name].in_features for name in linears if modules[name].in_features % 64})
+    if widths:
+        raise ToolkitError(
+            f"4-bit quantization on CPU needs linear layers whose input width is a multiple of 64 "
+            f"(bitsandbytes' CPU kernel); {type(skeleton).__name__} has widths {widths}: quantize on a "
+            "GPU, or use quantize=int8_weight_only"
+        )
 
 
 def _tied(model: PreTrainedModel) -> bool:
