@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -82,3 +84,12 @@ def test_overhead_plain_loop_sees_the_toolkits_batches():
     toolkit, plain, trainer = tokens["toolkit"], tokens["plain"], tokens["trainer"]
     assert len(toolkit) == len(plain) == len(trainer[:4]) == 4
     assert toolkit == plain and all(t > 0 for t in toolkit)
+
+
+def test_memory_levers_benchmark_publishes_its_table_and_figures(tmp_path):
+    report, figures = run_benchmark("levers", tmp_path)
+    assert "| arm | peak activations MiB (64 tokens) |" in report and "| qlora + checkpointing |" in report
+    assert 0 < figures["memory.qlora_over_lora"] < 1  # the tiny model's embeddings dominate: barely below 1
+    assert 0 < figures["memory.activation_checkpointing_over_none"] <= 1.05
+    for arm in ("lora", "lora_checkpointing", "qlora", "qlora_checkpointing"):
+        assert figures[f"memory.estimate_over_held.{arm}"] == pytest.approx(1, abs=0.1)

@@ -69,9 +69,17 @@ def _check_targets(model: nn.Module, targets: Any) -> None:
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; ZeRO-3-partitioned parameters count whole (ds_numel)."""
-    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    """(trainable, total) parameter counts; ZeRO-3-partitioned parameters count whole (ds_numel), 4-bit ones
+    by the weight they stand for (two values are packed per byte)."""
+    sizes = [(logical_numel(p), p.requires_grad) for p in model.parameters()]
     return sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
+
+
+def logical_numel(p: nn.Parameter) -> int:
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None:
+        return quant_state.shape.numel()
+    return getattr(p, "ds_numel", p.numel())
 
 
 def is_adapter(model: nn.Module) -> bool:

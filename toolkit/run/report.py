@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from toolkit.data.preference import CONSTRUCTIONS
 from toolkit.files import atomic_write_text
 from toolkit.layout import ADAPTER, CHECKPOINTS, METRICS, REPORT, SAMPLES, STAGE_FOLDERS, VARIANT_DIRS
-from toolkit.models.adapters import adapter_settings
+from toolkit.models.adapters import adapter_settings, quantization_settings
 from toolkit.redaction import redact
 from toolkit.run.evaluate import format_value
 
@@ -194,11 +194,13 @@ def recipe_of(run_dir: Path, overrides: list[str]) -> str:
 
 
 def adapter_summary(adapter: Any) -> str:
-    adapter = adapter_settings(adapter)
-    if not adapter:
+    settings, quantization = adapter_settings(adapter), quantization_settings(adapter)
+    if not settings:
         return "none (full fine-tuning)"
-    kind = "DoRA" if adapter.get("use_dora") else "LoRA"
-    return f"{kind} r={adapter.get('r')}, alpha={adapter.get('lora_alpha')}"
+    kind = "DoRA" if settings.get("use_dora") else "LoRA"
+    if quantization:
+        kind = f"Q{kind} ({quantization.get('bnb_4bit_quant_type', 'nf4').upper()} base)"
+    return f"{kind} r={settings.get('r')}, alpha={settings.get('lora_alpha')}"
 
 
 def data_summary(data: Any) -> str:
