@@ -19,7 +19,7 @@ from toolkit.tasks.base import model_inputs
 from toolkit.training.checkpoints import read_state_dict
 from toolkit.training.memory import estimate, held_states
 
-from .helpers import TINY_SFT, compose_config, toolkit_train, train
+from .helpers import TINY_SFT, compose_config, kill_after_a_checkpoint, toolkit_train, train
 
 
 def sft_cfg(base: Path, *overrides: str):
@@ -297,19 +297,28 @@ def test_qlora_on_two_ranks_matches_one_and_exports(strategy, tmp_path, base_dir
         torch.testing.assert_close(adapted(input_ids=ids).logits, merged.eval()(input_ids=ids).logits)
 
 
-def test_qlora_with_checkpointing_resumes_exactly(tmp_path, base_dir):
-    """4 steps straight, or 2 then a resume for 2 more: the same adapter, bit for bit."""
-    levers = ["adapter=qlora", "model.activation_checkpointing=true", "data.batch_size=16", "stages=[train]"]
-    train(tmp_path / "straight", base_dir, *levers, "trainer.max_steps=4")
-    first = tmp_path / "resumed"
-    train(first, base_dir, *levers, "trainer.max_steps=2")
-    train(first, base_dir, *levers, "trainer.max_steps=4", f"from_run={first}", "resume=last")
-    straight, resumed = (
-        read_state_dict(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("straight", "resumed")
-    )
-    assert straight.keys() == resumed.keys() and any("lora_B" in k for k in straight)
-    for name, value in straight.items():
-        assert torch.equal(resumed[name], value), name
+def test_qlora_with_checkpointing_resumes_exactly_after_a_kill(tmp_path, base_dir):
+    """Checkpoint every step, SIGKILL at a random moment after the first, resume: the adapter equals an
+    uninterrupted run's, bit for bit."""
+    common = [
+        "adapter=qlora",
+        "model.activation_checkpointing=true",
+        "data.batch_size=8",
+        "trainer.max_steps=24",
+        "trainer.max_epochs=10",
+        "checkpoint.every_n_train_steps=1",
+        "stages=[train]",
+    ]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    train(straight, base_dir, *common)
+    stopped_at = kill_after_a_checkpoint(killed, base_dir, *common)
+    assert stopped_at < 24, "the run finished before it could be killed"
+    train(killed, base_dir, *common, f"from_run={killed}", "resume=last")
+    expected = read_state_dict(straight / "checkpoints" / "last.ckpt")
+    resumed = read_state_dict(killed / "checkpoints" / "last.ckpt")
+    assert resumed.keys() == expected.keys() and any("lora_B" in k for k in expected)
+    for name, value in expected.items():
+        assert torch.equal(resumed[name], value), f"{name}, killed after step {stopped_at}"
 
 
 def test_llama3_70b_qlora_fsdp2_recipe_runs_on_two_ranks(tmp_path, tiny_llama_dir):
