@@ -31,6 +31,25 @@ TINY_LLAMA = (
     "num_key_value_heads:2,intermediate_size:64,vocab_size:49152,max_position_embeddings:256,"
     "tie_word_embeddings:true}"
 )
+
+
+def save_tiny_llama(path: Path, override: str = TINY_LLAMA) -> Path:
+    """A seeded Llama built from `override` (`model.config={...}`), saved with SmolLM2's tokenizer like a
+    pretrained checkpoint: what the paths that load pretrained weights (serving, QLoRA) need at tiny size."""
+    import torch
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from toolkit.data.assets import asset_path
+
+    values = dict(OverridesParser.create().parse_override(override).value())
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(asset_path("smollm2_135m_instruct")).save_pretrained(path)
+    return path
+
+
 VERSIONED = ("torch", "lightning", "deepspeed", "transformers", "peft", "torchao")
 
 

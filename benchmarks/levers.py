@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.harness import Result, train_with_resources
+from benchmarks.harness import Result, save_tiny_llama, train_with_resources
 from toolkit.config import compose_config
 from toolkit.run.build import build_data_and_task, build_module
 from toolkit.training.memory import estimate, held_states
@@ -37,7 +37,7 @@ STEPS = 5
 MIB = 1024**2
 # tiny: a saved Llama whose widths bitsandbytes packs (multiples of 64), for a smoke test of the harness
 TINY_BASE = (
-    "{model_type:llama,hidden_size:64,num_hidden_layers:2,num_attention_heads:4,num_key_value_heads:2,"
+    "model.config={model_type:llama,hidden_size:64,num_hidden_layers:2,num_attention_heads:4,num_key_value_heads:2,"
     "intermediate_size:128,vocab_size:49152,max_position_embeddings:512,tie_word_embeddings:true}"
 )
 
@@ -108,7 +108,8 @@ def measure(levers: list[str], base: Path | None, tokens: int) -> dict:
         enable_progress_bar=False, callbacks=[probe],
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
-    ids = torch.randint(0, 49152, (1, tokens), generator=torch.Generator().manual_seed(0))
+    vocab = module.model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
     held = probe.held
     estimated = estimate(cfg, describe=False)["single"]
     return {
@@ -122,23 +123,10 @@ def measure(levers: list[str], base: Path | None, tokens: int) -> dict:
     }
 
 
-def tiny_base(path: Path) -> Path:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
-
-    from toolkit.data.assets import asset_path
-
-    values = dict(OverridesParser.create().parse_override(f"x={TINY_BASE}").value())
-    torch.manual_seed(0)
-    LlamaForCausalLM(AutoConfig.for_model(values.pop("model_type"), **values)).save_pretrained(path)
-    AutoTokenizer.from_pretrained(asset_path("smollm2_135m_instruct")).save_pretrained(path)
-    return path
-
-
 def main(tiny: bool = False) -> Result:
     tokens = 64 if tiny else 512
     with tempfile.TemporaryDirectory() as tmp:
-        base = tiny_base(Path(tmp) / "base") if tiny else None
+        base = save_tiny_llama(Path(tmp) / "base", TINY_BASE) if tiny else None
         arms = {name: measure(levers, base, tokens) for name, levers in ARMS.items()}
         rss = {
             name: train_with_resources(overrides(ARMS[name], base), Path(tmp) / name.replace(" ", "_"))[0]

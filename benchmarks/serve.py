@@ -22,10 +22,9 @@ from pathlib import Path
 
 import openai
 import torch
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks.harness import TINY_LLAMA, Result, median
+from benchmarks.harness import Result, median, save_tiny_llama
 from toolkit.config import compose_config
 from toolkit.data.assets import asset_path
 from toolkit.run.manifest import write_manifest
@@ -44,15 +43,10 @@ def messages(i: int) -> list[dict[str, str]]:
 def prepare_run(root: Path, tiny: bool) -> Path:
     """runs/<...>: export/model (the model as exported) and quantize/model (int8 dynamic, the stage's own)."""
     run, model_dir = root / "run", root / "run" / "export" / "model"
-    source = asset_path("smollm2_135m_instruct")
     if tiny:
-        values = dict(OverridesParser.create().parse_override(TINY_LLAMA).value())  # the harness's tiny Llama
-        torch.manual_seed(0)
-        config = AutoConfig.for_model(values.pop("model_type"), **values)
-        AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
-        AutoTokenizer.from_pretrained(source).save_pretrained(model_dir)
+        save_tiny_llama(model_dir)
     else:
-        shutil.copytree(source, model_dir)
+        shutil.copytree(asset_path("smollm2_135m_instruct"), model_dir)
     write_manifest(run / "export")
     cfg = compose_config(["recipe=nlp/smollm2_lora_sft", f"model.name_or_path={model_dir}",
                           "quantize=int8_dynamic", "quantize.max_metric_drop=null"])  # fmt: skip
