@@ -192,9 +192,15 @@ CATALOGUE = {
     "unknown strategy": Case(
         "strategy",
         ["recipe=quickstart", "strategy=zero9"],
-        "Could not find 'strategy/zero9'; available options in 'strategy': ddp, deepspeed_zero1, "
-        "deepspeed_zero2, deepspeed_zero2_offload, deepspeed_zero3, deepspeed_zero3_offload, fsdp2, "
-        "fsdp2_offload, single",
+        "Could not find 'strategy/zero9'; available options in 'strategy': ddp, ddp_local_sgd, "
+        "deepspeed_zero1, deepspeed_zero2, deepspeed_zero2_offload, deepspeed_zero3, "
+        "deepspeed_zero3_offload, fsdp2, fsdp2_offload, single",
+    ),
+    "local SGD averaging period below 1": Case(
+        "strategy",
+        ["recipe=quickstart", *TINY, "strategy=ddp_local_sgd", "strategy.averaging_period=0"],
+        "strategy.averaging_period=0, strategy.warmup_steps=0: the period must be at least 1 and the "
+        "warm-up at least 0 steps",
     ),
     "offload with a torch optimizer": Case(
         "strategy",

@@ -23,7 +23,7 @@ SLOW_STRATEGIES = ("deepspeed_zero2_offload", "deepspeed_zero3_offload")
 STRATEGIES = [
     pytest.param(name, marks=[pytest.mark.slow] if name in SLOW_STRATEGIES else [])
     for name in SHARDING
-    if name != "single"
+    if name not in ("single", "ddp_local_sgd")  # local SGD equals DDP only with plain SGD: test_local_sgd
 ]
 
 

@@ -51,6 +51,7 @@ GB = 1024**3
 SHARDING = {
     "single": ((), ()),
     "ddp": ((), ()),
+    "ddp_local_sgd": ((), ()),  # as DDP (an outer step adds 2 copies of the trainable weights)
     "deepspeed_zero1": (("optimizer",), ()),
     "deepspeed_zero2": (("optimizer", "gradients"), ()),
     "deepspeed_zero2_offload": (("optimizer", "gradients"), ("optimizer",)),
