@@ -1,5 +1,5 @@
 # make run   -- fresh machine: venv, install, offline assets, then the default recipe (quickstart)
-# make test  -- fresh machine: venv, install, offline assets, Debian packages, the local Slurm cluster, then
+# make test  -- fresh machine: venv, install, offline assets, Debian packages, the local two-node Slurm cluster, then
 #               the whole test suite (the cluster comes down again afterwards)
 # make bench -- the benchmarks: tables in benchmarks/results/<date>.md, figures in results/latest.json
 VENV   := .venv
@@ -50,8 +50,9 @@ system:
 run: setup
 	$(OFFLINE) $(VENV)/bin/toolkit-train recipe=quickstart
 
+# Two nodes: the multi-node tests need them, and the one-node Slurm tests run on either.
 test: setup system
-	slurm/with-local-cluster.sh env $(OFFLINE) $(VENV)/bin/pytest -m "not slow and not gpu" --durations=25
+	SLURM_LOCAL_NODES=2 slurm/with-local-cluster.sh env $(OFFLINE) $(VENV)/bin/pytest -m "not slow and not gpu" --durations=25
 
 bench: setup
 	$(OFFLINE) $(VENV)/bin/python -m benchmarks
