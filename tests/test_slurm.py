@@ -4,10 +4,8 @@ preemption with requeue. Under CI=true a missing cluster fails these tests inste
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,56 +13,16 @@ import pytest
 import torch
 
 from .helpers import TINY_RUN
+from .slurm_jobs import BIN, logs, require_cluster, submit, wait
 
 pytestmark = pytest.mark.slurm
 
-BIN = Path(sys.executable).parent
 TINY = TINY_RUN
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
-    os.environ.setdefault("SLURM_CONF", "/tmp/toolkit-slurm/slurm.conf")
-    try:
-        up = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
-        ok = up.returncode == 0 and re.search(r"idle|mix|alloc", up.stdout)
-    except (FileNotFoundError, subprocess.TimeoutExpired):
-        ok = False
-    if not ok:
-        message = "no Slurm cluster: run slurm/local-cluster.sh up"
-        pytest.fail(message) if os.environ.get("CI") == "true" else pytest.skip(message)
-
-
-def submit(args: list[str], cwd: Path) -> tuple[str, Path]:
-    result = subprocess.run(
-        [str(BIN / "toolkit-submit"), *args], cwd=cwd, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    job = re.search(r"submitted job (\d+)", result.stdout).group(1)
-    run_dir = Path(re.search(r"run dir: (\S+)", result.stdout).group(1))
-    return job, run_dir
-
-
-def queued(job: str) -> str:
-    """The job's state and reason ('' once it left the queue)."""
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True).stdout
-    return out.strip()
-
-
-def wait(job: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while (state := queued(job)) and time.time() < deadline:
-        if "BeginTime" in state:  # Slurm delays a requeued job's start; release it now
-            subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True)
-        time.sleep(1)
-    assert not queued(job), f"job {job} still queued after {timeout} s"
-
-
-def logs(run_dir: Path) -> str:
-    """What the job printed (slurm-<job>.out/.err) and what every rank logged to the run's train.log
-    (Lightning's info lines, such as the rank table and the restore message, go there only)."""
-    files = [*sorted(run_dir.glob("slurm-*.*")), run_dir / "train.log"]
-    return "".join(p.read_text(errors="replace") for p in files if p.exists())
+    require_cluster(nodes=1)
 
 
 def test_submit_runs_every_stage_under_sbatch(tmp_path):

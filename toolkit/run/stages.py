@@ -30,7 +30,7 @@ from toolkit.compress.quantize import (
     weights_size_bytes,
 )
 from toolkit.console import console
-from toolkit.errors import ToolkitError
+from toolkit.errors import ToolkitError, lost_peer
 from toolkit.files import atomic_dir, atomic_write_text
 from toolkit.layout import METRICS, SAMPLES, SPLIT_RECORD, VARIANT_DIRS, compression_source, saved_variants
 from toolkit.models.adapters import is_adapter
@@ -73,6 +73,12 @@ def train_stage(cfg: DictConfig, run_dir: Path) -> bool:
         mismatch = checkpoint and state_dict_mismatch(err)
         if mismatch:
             raise ToolkitError(f"resume checkpoint '{checkpoint}' is from another model: {mismatch}") from err
+        lost = lost_peer(err)
+        if lost:
+            raise ToolkitError(
+                f"lost contact with another rank ({lost}): its node or process died; the last complete "
+                f"checkpoint is kept: rerun with from_run={run_dir} resume=last, on the nodes that are left"
+            ) from err
         raise
     except OSError as err:
         if err.errno != errno.ENOSPC:

@@ -28,6 +28,7 @@ LIBRARY_LOGGERS = (
     "torch",
     "deepspeed",
     "py.warnings",
+    "toolkit.ranks",  # each rank's host (training.callbacks.RankPlacement)
 )
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

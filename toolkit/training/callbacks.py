@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import random
 import resource
 import signal
+import socket
 import statistics
 import subprocess
 import time
@@ -113,6 +115,17 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+class RankPlacement(L.Callback):
+    """One train.log line per rank: its global rank and the host it runs on, so a multi-node run's log shows
+    which node each rank landed on (Lightning's own line names ranks only)."""
+
+    def setup(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        log = logging.getLogger("toolkit.ranks")
+        log.setLevel(logging.INFO)
+        where = f"{socket.gethostname()} (node rank {trainer.node_rank}, local rank {trainer.local_rank})"
+        log.info("rank %d of %d on %s", trainer.global_rank, trainer.world_size, where)
+
+
 def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> list[L.Callback]:
     callbacks: list[L.Callback] = [
         ModelCheckpoint(
@@ -125,6 +138,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path, monitor: str, mode: str) -> 
         ),
         LastCheckpoint(run_dir / CHECKPOINTS, every_n_train_steps=cfg.checkpoint.every_n_train_steps),
         RNGStateCallback(cfg.seed),
+        RankPlacement(),
         ModelSummary(max_depth=1),  # logged (to train.log), in place of the rich table on the terminal
     ]
     if SLURMEnvironment.detect():
@@ -229,6 +243,10 @@ class ResourceReport(L.Callback):
         self.step_seconds: list[float] = []
         self.tensor_bytes: int | None = None
         self._started = 0.0
+        self._sent_at_start = 0
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._sent_at_start = sent_bytes()  # after setup: DDP's first broadcast of the weights is not counted
 
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, i: int) -> None:
         self._started = time.perf_counter()
@@ -251,9 +269,21 @@ class ResourceReport(L.Callback):
             "median_step_seconds": statistics.median(timed) if timed else None,
             "peak_rss_bytes": peak_rss_bytes(),
             "tensor_bytes": self.tensor_bytes,
+            "sent_bytes": sent_bytes() - self._sent_at_start,
         }
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / f"rank{trainer.global_rank}.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+def sent_bytes() -> int:
+    """Bytes this network namespace sent over its interfaces other than loopback (/proc/net/dev): on a
+    node of its own, what its ranks put on the wire (ranks on one machine talk over loopback: not counted)."""
+    total = 0
+    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+        name, _, counters = line.partition(":")
+        if name.strip() != "lo":
+            total += int(counters.split()[8])  # receive has 8 columns, then transmit bytes
+    return total
 
 
 def batch_tokens(batch: Any) -> int:
