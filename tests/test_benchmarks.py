@@ -93,3 +93,13 @@ def test_memory_levers_benchmark_publishes_its_table_and_figures(tmp_path):
     assert 0 < figures["memory.activation_checkpointing_over_none"] <= 1.05
     for arm in ("lora", "lora_checkpointing", "qlora", "qlora_checkpointing"):
         assert figures[f"memory.estimate_over_held.{arm}"] == pytest.approx(1, abs=0.1)
+
+
+def test_local_sgd_benchmark_publishes_bytes_and_quality(tmp_path):
+    report, figures = run_benchmark("local_sgd", tmp_path)
+    assert "| arm | counted_bytes_per_step |" in report and "| period 4 |" in report
+    # 8 steps: DDP all-reduces the gradients at every one; period 4 averages the same bytes of parameters
+    # after steps 0 and 4, and once more after the last
+    assert figures["local_sgd.period_4.bytes_over_ddp"] == 3 / 8
+    assert "local_sgd.period_4.val_loss_delta" in figures
+    assert figures["local_sgd.period_4.step_time_over_ddp"] > 0
