@@ -139,6 +139,7 @@ KILL = [
 
 
 @pytest.mark.faults
+@pytest.mark.slow  # ~90 s; the strategies' kill tests cover the shared machinery by default
 def test_kill_and_resume_ends_with_the_same_weights(tmp_path, tiny_bert_dir):
     """Dropout on, each rank with its own weights and Adam states between averages: SIGKILL at a random
     moment after a checkpoint, resume; every rank's final weights equal an uninterrupted run's."""

@@ -71,7 +71,12 @@ def exported(run_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "strategy,tasks_per_node",
-    [("ddp", 1), ("deepspeed_zero3", 1), ("fsdp2", 1), ("ddp", 2)],
+    [
+        ("ddp", 1),
+        pytest.param("deepspeed_zero3", 1, marks=pytest.mark.slow),  # CI time: ddp covers the network path
+        pytest.param("fsdp2", 1, marks=pytest.mark.slow),
+        pytest.param("ddp", 2, marks=pytest.mark.slow),
+    ],
     ids=["ddp-2x1", "zero3-2x1", "fsdp2-2x1", "ddp-2x2"],
 )
 def test_two_nodes_match_one_process(strategy, tasks_per_node, tmp_path, base_dir, single, one_node):

@@ -218,8 +218,8 @@ class LocalSGDStrategy(DDPStrategy):
         return checkpoint
 
     def teardown(self) -> None:
-        module = self.lightning_module
-        if module is not None and module._trainer is not None and self.averager.step:
+        module, averager = self.lightning_module, getattr(self, "averager", None)  # none if setup failed
+        if module is not None and module._trainer is not None and averager is not None and averager.step:
             report = {
                 "world_size": self.world_size,
                 "averaging_period": self.averager.period,
