@@ -58,3 +58,22 @@ def logs(run_dir: Path) -> str:
     (Lightning's info lines, such as the rank table and the restore message, go there only)."""
     files = [*sorted(run_dir.glob("slurm-*.*")), run_dir / "train.log"]
     return "".join(p.read_text(errors="replace") for p in files if p.exists())
+
+
+def lr_sweep(args: list[str], cwd: Path, timeout: float) -> Path:
+    """`toolkit-train -m <args> optim.lr=1e-3,3e-3` through the submitit launcher: both jobs evaluated and
+    listed in summary.md; returns the sweep directory."""
+    result = subprocess.run(
+        [str(BIN / "toolkit-train"), "-m", *args, "optim.lr=1e-3,3e-3"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = next((cwd / "runs" / "multirun").iterdir())
+    for job in ("0", "1"):
+        assert (sweep / job / "evaluate" / "metrics.json").exists()
+    summary = (sweep / "summary.md").read_text()
+    assert "| 0 | `optim.lr=0.001` |" in summary and "| 1 | `optim.lr=0.003` |" in summary
+    return sweep

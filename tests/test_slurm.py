@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from .helpers import TINY_RUN
-from .slurm_jobs import BIN, logs, require_cluster, submit, wait
+from .slurm_jobs import BIN, logs, lr_sweep, require_cluster, submit, wait
 
 pytestmark = pytest.mark.slurm
 
@@ -54,27 +54,8 @@ def test_srun_two_tasks_run_ddp_with_world_size_two(tmp_path):
 
 
 def test_submitit_sweep_of_two_jobs(tmp_path):
-    result = subprocess.run(
-        [
-            str(BIN / "toolkit-train"),
-            "-m",
-            *TINY,
-            "recipe=sweeps/quickstart_lr",
-            "trainer.max_steps=2",
-            "logger=none",
-            "optim.lr=1e-3,3e-3",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    sweep = next((tmp_path / "runs" / "multirun").iterdir())
-    for job in ("0", "1"):
-        assert (sweep / job / "evaluate" / "metrics.json").exists()
-    summary = (sweep / "summary.md").read_text()
-    assert "| 0 | `optim.lr=0.001` |" in summary and "| 1 | `optim.lr=0.003` |" in summary
+    args = [*TINY, "recipe=sweeps/quickstart_lr", "trainer.max_steps=2", "logger=none"]
+    lr_sweep(args, tmp_path, timeout=600)
 
 
 def test_preempted_job_requeues_and_ends_with_the_same_weights(tmp_path):
